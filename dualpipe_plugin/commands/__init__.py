@@ -1,0 +1,1 @@
+"""Sub-commands of the ``dualpipe-plugin`` CLI, one module each (``add_arguments`` + ``run``)."""

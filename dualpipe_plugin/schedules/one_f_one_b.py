@@ -1,0 +1,67 @@
+"""1F1B and ZB1P (ZB-H1): the classic one-chunk-per-rank schedules, on the same IR for comparison.
+
+Both run P stages on P ranks, one chunk each. Rank r warms up with ``min(P-1-r, C)`` forwards, then
+alternates one forward and one backward, then drains the remaining backwards.
+
+ZB1P splits every backward into I and W. Rank r keeps at most r weight passes pending, running the
+oldest one whenever the queue grows past that: downstream ranks thereby push input gradients upstream
+as early as possible, and the deferred W fill the cool-down bubble. Peak live activations stay at P,
+like 1F1B, and the bubble is (P-1)(F+B-2W) against 1F1B's (P-1)(F+B).
+"""
+
+from __future__ import annotations
+
+from dualpipe_plugin.schedules.errors import ScheduleConfigError
+from dualpipe_plugin.schedules.ir import Placement, Schedule
+from dualpipe_plugin.schedules.program import RankProgram
+
+__all__ = ["one_f_one_b", "zb1p", "linear_placement"]
+
+
+def linear_placement(num_ranks: int) -> Placement:
+    """Stage r on rank r."""
+    return Placement(num_ranks, (tuple((rank, 0) for rank in range(num_ranks)),))
+
+
+def _check(name: str, num_ranks: int, num_microbatches: int) -> None:
+    if num_ranks < 1:
+        raise ScheduleConfigError(f"{name} needs at least 1 pipeline rank, got ranks={num_ranks}")
+    if num_microbatches < 1:
+        raise ScheduleConfigError(f"{name} needs at least 1 micro-batch, got microbatches={num_microbatches}")
+
+
+def _program(num_ranks: int, rank: int, num_microbatches: int, max_pending_weights: int | None) -> RankProgram:
+    """``max_pending_weights=None`` gives plain 1F1B (full backwards)."""
+    split = max_pending_weights is not None
+    program = RankProgram()
+
+    def backward() -> None:
+        program.backward(0, split=split)
+        if split and program.pending_weights > max_pending_weights:
+            program.weight()
+
+    warmup = min(num_ranks - 1 - rank, num_microbatches)
+    for _ in range(warmup):
+        program.forward(0)
+    for _ in range(num_microbatches - warmup):
+        program.forward(0)
+        backward()
+    for _ in range(warmup):
+        backward()
+    while program.pending_weights:
+        program.weight()
+    return program
+
+
+def one_f_one_b(num_ranks: int, num_microbatches: int) -> Schedule:
+    """1F1B (PipeDream-flush): bubble (P-1)(F+B), peak P activations on rank 0."""
+    _check("1f1b", num_ranks, num_microbatches)
+    rows = tuple(tuple(_program(num_ranks, r, num_microbatches, None).actions) for r in range(num_ranks))
+    return Schedule("1f1b", linear_placement(num_ranks), num_microbatches, rows)
+
+
+def zb1p(num_ranks: int, num_microbatches: int) -> Schedule:
+    """ZB-H1: 1F1B with split backwards; bubble (P-1)(F+B-2W), peak P activations on every rank."""
+    _check("zb1p", num_ranks, num_microbatches)
+    rows = tuple(tuple(_program(num_ranks, r, num_microbatches, r).actions) for r in range(num_ranks))
+    return Schedule("zb1p", linear_placement(num_ranks), num_microbatches, rows)
