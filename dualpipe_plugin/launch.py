@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import pickle
 import queue
 import socket
 import time
@@ -61,7 +62,8 @@ def _entry(rank, world_size, port, fn, args, env, init_process_group, pg_timeout
                 "gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=pg_timeout_s)
             )
         value = fn(rank, world_size, *args)
-        results.put((rank, True, value, ""))
+        # Pickled by value here: tensors sent through the queue as shared memory vanish with the process.
+        results.put((rank, True, pickle.dumps(value), ""))
     except BaseException as error:  # report everything, including SystemExit, to the parent
         results.put((rank, False, f"{type(error).__name__}: {error}", traceback.format_exc()))
     finally:
@@ -120,7 +122,7 @@ def run_local(
                         outcomes[r] = (False, f"process exited with code {procs[r].exitcode}", "")
                         failures.append(RankFailure(r, outcomes[r][1], ""))
                 continue
-            outcomes[rank] = (ok, value, tb)
+            outcomes[rank] = (ok, pickle.loads(value) if ok else value, tb)
             if not ok:
                 failures.append(RankFailure(rank, value, tb))
     finally:

@@ -11,6 +11,8 @@ from dualpipe_plugin.schedules.ir import Action, Op, OpKind, Pair
 __all__ = ["CostModel"]
 
 _KEYS = ("F", "B", "I", "W", "FB", "comm")
+_OPTIONAL = ("I", "FB")  # derived from the others when not given
+_EXAMPLE = {"F": 1, "B": 2, "W": 1, "comm": 0}
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -36,7 +38,11 @@ class CostModel:
         for key in _KEYS:
             value = getattr(self, key)
             if value is None:
-                continue
+                if key in _OPTIONAL:
+                    continue
+                raise CostModelError(
+                    f"cost {key} is missing (None); give a number >= 0, for example {key}={_EXAMPLE[key]}"
+                )
             if not isinstance(value, (int, float)) or math.isnan(value) or math.isinf(value):
                 raise CostModelError(f"cost {key}={value!r} is not a finite number")
             if value < 0:
@@ -69,11 +75,15 @@ class CostModel:
                     f"(for example 'F=1,B=2,W=1,FB=3')"
                 )
             if key in values:
-                raise CostModelError(f"cost {key} is given twice in {text!r}")
+                raise CostModelError(f"cost {key} is given twice in {text!r}; give each key once")
+            if not raw.strip():
+                raise CostModelError(f"cost {key} is missing its value in {text!r}; write {key}=NUMBER, e.g. {key}=1")
             try:
                 values[key] = float(raw)
             except ValueError:
-                raise CostModelError(f"cost {key}={raw.strip()!r} is not a number") from None
+                raise CostModelError(
+                    f"cost {key}={raw.strip()!r} is not a number; write {key}=NUMBER, e.g. {key}=1"
+                ) from None
         if not values:
             raise CostModelError(f"empty cost string {text!r}; give for example 'F=1,B=2,W=1'")
         return cls(**values)

@@ -46,15 +46,19 @@ def check_structure(schedule: Schedule) -> None:
 
 
 def _check_slot(schedule: Schedule, rank: int, chunk: int, m: int, seen: dict[tuple, int]) -> None:
+    # A missing op is marked at the end of the rank's row (">>(end)<<"): the rank finishes without it.
+    end = len(schedule.actions[rank])
     full, split, weight = ((kind, chunk, m) in seen for kind in (OpKind.B, OpKind.I, OpKind.W))
     if (OpKind.F, chunk, m) not in seen:
-        raise ScheduleInvalidError(
-            f"schedule {schedule.name!r}: rank {rank} never runs F{chunk}:{m}\n{format_grid(schedule)}"
-        )
+        raise _fail(schedule, f"rank {rank} never runs F{chunk}:{m}", rank, end)
     if full + split != 1:
-        raise ScheduleInvalidError(
-            f"schedule {schedule.name!r}: rank {rank} needs exactly one backward (B or I) of "
-            f"{chunk}:{m}, found {full + split}\n{format_grid(schedule)}"
+        step = max(seen[(OpKind.B, chunk, m)], seen[(OpKind.I, chunk, m)]) if full and split else end
+        raise _fail(
+            schedule,
+            f"rank {rank} needs exactly one backward (B{chunk}:{m} or I{chunk}:{m}) of {chunk}:{m}, "
+            f"found {full + split}",
+            rank,
+            step,
         )
     if split != weight:
         what = f"I{chunk}:{m} has no W{chunk}:{m}" if split else f"W{chunk}:{m} has no I{chunk}:{m}"

@@ -1,0 +1,21 @@
+"""Errors the runtime raises. User mistakes are ``ValueError`` subclasses; failures at run time are not."""
+
+from __future__ import annotations
+
+__all__ = ["PipelineConfigError", "PipelineRuntimeError", "PipelineTimeoutError", "PipelinePeerError"]
+
+
+class PipelineConfigError(ValueError):
+    """Bad input to the runtime: wrong number of chunks, a device mismatch, indivisible batch, missing labels."""
+
+
+class PipelineRuntimeError(RuntimeError):
+    """A step failed while running; the message names this rank, the op and the micro-batch."""
+
+
+class PipelineTimeoutError(PipelineRuntimeError, TimeoutError):
+    """A communication wait ran past its timeout (a peer is stuck, dead, or runs a different schedule)."""
+
+
+class PipelinePeerError(PipelineRuntimeError):
+    """A peer closed its connection: it crashed, was killed, or itself failed and gave up."""

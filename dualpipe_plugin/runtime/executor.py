@@ -1,0 +1,343 @@
+"""The executor: runs any schedule of the registry on one rank, one action after another.
+
+The schedule decides *what* runs *when*; the executor only carries it out. Per action, in one loop::
+
+    post receives of the next ``lookahead`` actions (as far as their shapes are known)
+    wait for this action's inputs          (bounded: a timeout names rank, peer, op and micro-batch)
+    run it: F, B, I, W, or an F&B pair     (dispatch table; a pair goes to the overlap engine)
+    queue its outputs to the next stage and launch the batch
+
+At the end of the step it waits for every send, syncs DualPipe's mirrored gradients and reports the
+per-micro-batch losses, the peak of live activations (equal to the simulator's figure) and, when asked,
+the measured timeline.
+
+What flows where is fixed by the framework adapters through a :class:`StageHooks` object: how a chunk is
+called, where a first stage's inputs come from and how a last stage turns outputs into a loss. The
+standalone :class:`~dualpipe_plugin.runtime.pipeline.DualPipeline` splits tensors; DeepSpeed and
+Megatron pull from their data iterators.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol, Sequence
+
+import torch
+from torch import nn
+from torch.autograd.profiler import record_function
+
+from dualpipe_plugin.runtime.comm import StepComm
+from dualpipe_plugin.runtime.errors import PipelineConfigError
+from dualpipe_plugin.runtime.meta import TensorMeta
+from dualpipe_plugin.runtime.mirror import sync_mirrored_grads
+from dualpipe_plugin.runtime.transport import Transport
+from dualpipe_plugin.runtime.weight_grad import WeightGradStore, bind_weight_split
+from dualpipe_plugin.schedules import Action, Op, OpKind, Pair, Schedule, build_schedule, op_io, validate
+from dualpipe_plugin.schedules.grid import format_grid
+
+__all__ = ["StageHooks", "PipelineExecutor", "StepOutcome", "OverlapEngine"]
+
+
+class StageHooks(Protocol):
+    """How the executor talks to the model and the data for one step."""
+
+    def inputs(self, microbatch: int) -> tuple[torch.Tensor, ...]:
+        """Inputs of the first stage for global micro-batch ``microbatch``."""
+        ...
+
+    def forward(self, chunk: int, microbatch: int, inputs: tuple[torch.Tensor, ...]) -> Any:
+        """Run this rank's ``chunk`` on ``inputs``; return a tensor or a tuple of tensors."""
+        ...
+
+    def loss(self, microbatch: int, outputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """On a last stage: the scalar loss of ``microbatch`` to back-propagate (already scaled)."""
+        ...
+
+
+class OverlapEngine(Protocol):
+    """Runs one F&B pair with the forward and backward interleaved (see :mod:`dualpipe_plugin.runtime.overlap`)."""
+
+    def supports(self, forward_chunk: int, backward_chunk: int) -> bool: ...
+
+    def run_pair(self, executor: "PipelineExecutor", pair: Pair) -> None: ...
+
+
+@dataclass
+class _Stash:
+    """What a forward leaves for its backward."""
+
+    inputs: tuple[torch.Tensor, ...]
+    roots: tuple[torch.Tensor, ...]
+    """Outputs to back-propagate from: the loss, or the outputs sent on that need a gradient."""
+
+
+@dataclass
+class StepOutcome:
+    """What one step produced on this rank."""
+
+    losses: dict[int, torch.Tensor] = field(default_factory=dict)
+    """Global micro-batch -> detached loss, for the micro-batches whose last stage is on this rank."""
+    outputs: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)
+    """Global micro-batch -> last-stage outputs (only with ``return_outputs``)."""
+    peak_activations: int = 0
+    timeline: list[tuple[Action, float, float]] = field(default_factory=list)
+    """(action, start_ms, end_ms) relative to the step's start (only with ``record``)."""
+
+
+def _as_tuple(value: Any) -> tuple[torch.Tensor, ...]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
+
+
+class PipelineExecutor:
+    """Runs a named schedule on this rank's chunks over a :class:`Transport`.
+
+    ``chunks[c]`` is the module this rank runs as chunk ``c`` (see the schedule's placement: two chunks
+    for dualpipe/dualpipev, one for 1f1b/zb1p). The executor binds the B/W split to their Linear layers
+    (``split_weights``) and keeps one schedule per micro-batch count.
+    """
+
+    def __init__(
+        self,
+        schedule: str,
+        chunks: Sequence[nn.Module],
+        transport: Transport,
+        *,
+        timeout_s: float = 300.0,
+        split_weights: bool = True,
+        lookahead: int = 1,
+        shapes_per_microbatch: bool = False,
+        overlap: OverlapEngine | None = None,
+        mirror_sync: Callable[["PipelineExecutor"], None] | None = None,
+    ):
+        self.schedule_name = schedule
+        self.transport = transport
+        self.rank = transport.rank
+        self.chunks = list(chunks)
+        self.timeout_s = timeout_s
+        self.lookahead = lookahead
+        self.shapes_per_microbatch = shapes_per_microbatch
+        self.overlap = overlap
+        self._schedules: dict[int, Schedule] = {}
+        # Any valid micro-batch count gives the placement, which does not depend on it.
+        placement = self._schedule_for(2 * transport.size if schedule.startswith("dualpipe") else 1).placement
+        self.placement = placement
+        if len(self.chunks) != placement.num_chunks:
+            raise PipelineConfigError(
+                f"schedule {schedule!r} runs {placement.num_chunks} chunk(s) per rank, got {len(self.chunks)}; "
+                + ("pass [stage r, stage 2P-1-r] for dualpipev or [stage r, stage P-1-r] for dualpipe"
+                   if placement.num_chunks == 2 else "pass the one stage this rank holds")
+            )
+        self._check_devices()
+        self.store = WeightGradStore()
+        self._split_binding = bind_weight_split(self.chunks, self.store) if split_weights else None
+        self.mirror_sync = mirror_sync if mirror_sync is not None else sync_mirrored_grads
+        self._handlers = {OpKind.F: self._run_forward, OpKind.B: self._run_backward,
+                          OpKind.I: self._run_backward, OpKind.W: self._run_weight}
+        # Per-step state, reset by run().
+        self._hooks: StageHooks | None = None
+        self._comm: StepComm | None = None
+        self._schedule: Schedule | None = None
+        self._stash: dict[tuple[int, int], _Stash] = {}
+        self._sent_metas: dict[tuple[int, int], tuple[TensorMeta, ...]] = {}
+        self._outcome = StepOutcome()
+        self._live = 0
+        self._forward_only = False
+        self._return_outputs = False
+        self._loss_divisor = 1.0
+
+    # -- set-up ----------------------------------------------------------------------------------
+    def _check_devices(self) -> None:
+        device = self.transport.device
+        for index, chunk in enumerate(self.chunks):
+            for name, param in chunk.named_parameters():
+                if param.device.type != device.type:
+                    raise PipelineConfigError(
+                        f"chunk {index} parameter {name!r} is on {param.device} but this pipeline "
+                        f"communicates on {device}; move the chunk with .to({str(device)!r})"
+                    )
+                break
+
+    def _schedule_for(self, num_microbatches: int) -> Schedule:
+        schedule = self._schedules.get(num_microbatches)
+        if schedule is None:
+            schedule = build_schedule(self.schedule_name, self.transport.size, num_microbatches)
+            validate(schedule)
+            self._schedules[num_microbatches] = schedule
+        return schedule
+
+    def close(self) -> None:
+        """Restore the chunks' Linear layers (undo the B/W split binding)."""
+        if self._split_binding is not None:
+            self._split_binding.unbind()
+            self._split_binding = None
+
+    # -- one step --------------------------------------------------------------------------------
+    def run(
+        self,
+        num_microbatches: int,
+        hooks: StageHooks,
+        *,
+        forward_only: bool = False,
+        return_outputs: bool = False,
+        record: bool = False,
+        loss_divisor: float = 1.0,
+    ) -> StepOutcome:
+        """Run one step of ``num_microbatches`` micro-batches; gradients accumulate into ``.grad``.
+
+        Each micro-batch's loss is back-propagated as ``loss / loss_divisor`` (pass the micro-batch
+        count for the gradient of the mean loss); the reported losses are not divided.
+        """
+        schedule = self._schedule_for(num_microbatches)
+        self._schedule, self._hooks = schedule, hooks
+        self._forward_only, self._return_outputs = forward_only, return_outputs
+        self._loss_divisor = loss_divisor
+        self._stash.clear()
+        self._sent_metas.clear()
+        self.store.clear()
+        self._outcome = StepOutcome()
+        self._live = 0
+        self._comm = StepComm(self.transport, self.timeout_s, self._gradient_metas, self.shapes_per_microbatch)
+        actions = [a for a in schedule.actions[self.rank] if not forward_only or self._has_forward(a)]
+        plan = [self._io(action) for action in actions]
+        t0 = time.perf_counter()
+        grad_mode = torch.no_grad() if forward_only else nullcontext()
+        with grad_mode:
+            for index in range(min(self.lookahead, len(plan))):
+                self._post(plan[index])
+            for index, action in enumerate(actions):
+                start = time.perf_counter()
+                for ahead in range(index + 1, min(index + 1 + self.lookahead, len(plan))):
+                    self._post(plan[ahead])
+                try:
+                    with record_function(f"PP:{action}"):
+                        self._dispatch(action)
+                except Exception as error:
+                    error.add_note(
+                        f"pipeline rank {self.rank}, step {index} ({action}) of {schedule.name} "
+                        f"P={schedule.num_ranks} C={num_microbatches}:\n{format_grid(schedule, {self.rank: index})}"
+                    )
+                    raise
+                self._comm.flush()
+                if record:
+                    self._outcome.timeline.append(
+                        (action, (start - t0) * 1e3, (time.perf_counter() - t0) * 1e3)
+                    )
+            self._comm.finish()
+        if schedule.placement.mirrored and not forward_only:
+            self.mirror_sync(self)
+        self._hooks, self._comm = None, None
+        return self._outcome
+
+    @staticmethod
+    def _has_forward(action: Action) -> bool:
+        return isinstance(action, Pair) or action.kind is OpKind.F
+
+    def _io(self, action: Action):
+        ops = [action.forward] if self._forward_only and isinstance(action, Pair) else action.ops()
+        return [op_io(self._schedule, self.rank, op) for op in ops]
+
+    def _post(self, ios) -> None:
+        for io in ios:
+            if io.recv is not None and not (self._forward_only and io.recv.payload.value == "gradient"):
+                self._comm.post_recv(io.recv)
+
+    def _dispatch(self, action: Action) -> None:
+        if isinstance(action, Pair):
+            if self._forward_only:
+                self._run_forward(action.forward)
+            elif self.overlap is not None and self.overlap.supports(action.forward.chunk, action.backward.chunk):
+                self.overlap.run_pair(self, action)
+            else:
+                self._run_forward(action.forward)
+                self._run_backward(action.backward)
+        else:
+            self._handlers[action.kind](action)
+
+    # -- the ops ---------------------------------------------------------------------------------
+    def _count(self, delta: int) -> None:
+        self._live += delta
+        if self._live > self._outcome.peak_activations:
+            self._outcome.peak_activations = self._live
+
+    def forward_inputs(self, op: Op) -> tuple[torch.Tensor, ...]:
+        """Receive (or fetch from the data) the inputs of forward ``op``, ready for autograd."""
+        io = op_io(self._schedule, self.rank, op)
+        if io.recv is None:
+            return _as_tuple(self._hooks.inputs(self._schedule.global_microbatch(op.chunk, op.microbatch)))
+        tensors, metas = self._comm.recv(io.recv)
+        if self._forward_only:
+            return tensors
+        return tuple(t.requires_grad_() if m.requires_grad else t for t, m in zip(tensors, metas))
+
+    def forward_finish(self, op: Op, inputs: tuple[torch.Tensor, ...], outputs: Any) -> None:
+        """Send a forward's outputs on (or compute the loss) and stash what its backward needs."""
+        io = op_io(self._schedule, self.rank, op)
+        outputs = _as_tuple(outputs)
+        microbatch = self._schedule.global_microbatch(op.chunk, op.microbatch)
+        if io.send is None:
+            if self._return_outputs:
+                self._outcome.outputs[microbatch] = tuple(t.detach() for t in outputs)
+            loss = self._hooks.loss(microbatch, outputs)
+            if loss is not None:
+                self._outcome.losses[microbatch] = loss.detach()
+                if self._loss_divisor != 1.0:
+                    loss = loss / self._loss_divisor
+            roots = (loss,) if loss is not None and loss.requires_grad else ()
+        else:
+            self._comm.send(io.send, outputs)
+            roots = tuple(t for t in outputs if t.requires_grad)
+            self._sent_metas[op.key] = tuple(TensorMeta.of(t) for t in roots)
+        if self._forward_only:
+            return
+        self._stash[op.key] = _Stash(inputs, roots)
+        self._count(+1)
+
+    def _run_forward(self, op: Op) -> None:
+        inputs = self.forward_inputs(op)
+        microbatch = self._schedule.global_microbatch(op.chunk, op.microbatch)
+        outputs = self._hooks.forward(op.chunk, microbatch, inputs)
+        self.forward_finish(op, inputs, outputs)
+
+    def backward_grads(self, op: Op) -> tuple[_Stash, tuple[torch.Tensor, ...] | None]:
+        """The stash of backward ``op`` and its output gradients (None at a loss stage)."""
+        stash = self._stash.pop(op.key, None)
+        if stash is None:
+            raise PipelineConfigError(f"backward {op} has no forward state on rank {self.rank}")
+        io = op_io(self._schedule, self.rank, op)
+        if io.recv is None:
+            return stash, None
+        grads, _ = self._comm.recv(io.recv)
+        return stash, grads
+
+    def backward_finish(self, op: Op, stash: _Stash) -> None:
+        """Send the input gradients of a finished backward upstream."""
+        io = op_io(self._schedule, self.rank, op)
+        if io.send is not None:
+            grads = tuple(
+                t.grad if t.grad is not None else torch.zeros_like(t)
+                for t in stash.inputs
+                if t.requires_grad
+            )
+            self._comm.send(io.send, grads)
+        if op.kind is OpKind.B or not self.store.has(op.key):
+            self._count(-1)
+
+    def _run_backward(self, op: Op) -> None:
+        stash, grads = self.backward_grads(op)
+        split = op.kind is OpKind.I and self._split_binding is not None
+        with self.store.capture(op.key) if split else nullcontext():
+            if stash.roots:
+                torch.autograd.backward(stash.roots, grads)
+        self.backward_finish(op, stash)
+
+    def _run_weight(self, op: Op) -> None:
+        if self.store.has(op.key):
+            self.store.flush(op.key)
+            self._count(-1)
+
+    def _gradient_metas(self, transfer) -> tuple[TensorMeta, ...] | None:
+        """Shapes of the gradient for an activation this rank sent (None before its forward ran)."""
+        chunk, microbatch = transfer.dst_chunk, transfer.microbatch
+        return self._sent_metas.get((chunk, microbatch))

@@ -1,0 +1,158 @@
+"""The runtime's only door to the network: point-to-point sends/receives and a small all-reduce.
+
+The executor commits the transfers of one op boundary as one batch (``start``), waits on each receive
+just before it is needed, and reaps sends lazily. :class:`TorchTransport` is the default, on
+``torch.distributed`` process groups: activations and gradients travel on *separate* groups, so the two
+directions of traffic between one pair of ranks (P=2, or the middle of dualpipe) can never be matched to
+the wrong receive, even on NCCL where tags are ignored. On NCCL a batch goes out through
+``batch_isend_irecv`` (one NCCL group, like DeepSeek's reference); on gloo each op is issued on its own.
+
+Adapters build a transport from their framework's pipeline group and ranks (DeepSpeed's grid, Megatron's
+parallel_state); nothing here assumes the pipeline is the WORLD group.
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Protocol, Sequence
+
+import torch
+import torch.distributed as dist
+
+from dualpipe_plugin.runtime.errors import PipelinePeerError, PipelineTimeoutError
+
+__all__ = ["Channel", "P2P", "Work", "Transport", "TorchTransport", "new_pipeline_groups"]
+
+
+class Channel(IntEnum):
+    """Which logical link a transfer uses."""
+
+    ACTIVATION = 0
+    GRADIENT = 1
+
+
+@dataclass(frozen=True, slots=True)
+class P2P:
+    """One point-to-point operation: send ``tensor`` to, or receive it from, pipeline rank ``peer``."""
+
+    send: bool
+    tensor: torch.Tensor
+    peer: int
+    channel: Channel
+    what: str
+    """Human description used in errors: the op and micro-batch it serves."""
+
+
+class Work(Protocol):
+    def wait(self, timeout_s: float) -> None: ...
+
+    def is_completed(self) -> bool: ...
+
+
+class Transport(Protocol):
+    """Pipeline-rank addressed communication. ``rank``/``size`` are positions in the pipeline."""
+
+    rank: int
+    size: int
+    device: torch.device
+
+    def start(self, ops: Sequence[P2P]) -> list[Work]:
+        """Launch ``ops`` together; return one handle per op, in order."""
+        ...
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> None:
+        """In-place sum over the pipeline ranks (used for reporting the step's loss)."""
+        ...
+
+
+class _TorchWork:
+    __slots__ = ("_work", "_op", "_rank", "_global_peer")
+
+    def __init__(self, work, op: P2P, rank: int, global_peer: int):
+        self._work, self._op, self._rank, self._global_peer = work, op, rank, global_peer
+
+    def is_completed(self) -> bool:
+        return self._work is None or self._work.is_completed()
+
+    def wait(self, timeout_s: float) -> None:
+        if self._work is None:
+            return
+        direction = "sending" if self._op.send else "receiving"
+        try:
+            completed = self._work.wait(timeout=datetime.timedelta(seconds=timeout_s))
+        except RuntimeError as error:
+            text = str(error)
+            if "timeout" in text.lower() or "timed out" in text.lower():
+                raise PipelineTimeoutError(
+                    f"pipeline rank {self._rank}: timed out after {timeout_s:g} s {direction} {self._op.what} "
+                    f"{'to' if self._op.send else 'from'} pipeline rank {self._op.peer} (global rank "
+                    f"{self._global_peer}); that rank is stuck, dead, or runs a different schedule or "
+                    f"micro-batch count. Raise the timeout if its steps are legitimately this slow."
+                ) from None
+            raise PipelinePeerError(
+                f"pipeline rank {self._rank}: lost pipeline rank {self._op.peer} (global rank "
+                f"{self._global_peer}) while {direction} {self._op.what}: {text.splitlines()[0]}"
+            ) from None
+        if completed is False:  # some backends report a timeout by returning False
+            raise PipelineTimeoutError(
+                f"pipeline rank {self._rank}: timed out after {timeout_s:g} s {direction} {self._op.what} "
+                f"with pipeline rank {self._op.peer} (global rank {self._global_peer})"
+            )
+        self._work = None
+
+
+def new_pipeline_groups(pipelines: Sequence[Sequence[int]], backend: str | None = None) -> dict:
+    """Create the per-channel groups for every pipeline; EVERY process must call this with the same list.
+
+    Returns ``{pipeline_index: {Channel: group}}`` for the pipelines this process belongs to.
+    """
+    mine = {}
+    me = dist.get_rank()
+    for index, ranks in enumerate(pipelines):
+        groups = {channel: dist.new_group(list(ranks), backend=backend) for channel in Channel}
+        if me in ranks:
+            mine[index] = groups
+    return mine
+
+
+class TorchTransport:
+    """:class:`Transport` on torch.distributed, for the pipeline made of global ``ranks`` (in stage order)."""
+
+    def __init__(self, ranks: Sequence[int], groups: dict | None = None, device: torch.device | None = None):
+        self.ranks = list(ranks)
+        me = dist.get_rank()
+        if me not in self.ranks:
+            raise ValueError(f"global rank {me} is not in the pipeline {self.ranks}")
+        self.rank = self.ranks.index(me)
+        self.size = len(self.ranks)
+        if groups is None:
+            groups = new_pipeline_groups([self.ranks])[0]
+        self.groups = groups
+        backend = dist.get_backend(groups[Channel.ACTIVATION])
+        self._batched = backend == "nccl"
+        if device is None:
+            device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        self.device = device
+
+    def start(self, ops: Sequence[P2P]) -> list[Work]:
+        if not ops:
+            return []
+        if self._batched:
+            p2p = [
+                dist.P2POp(dist.isend if op.send else dist.irecv, op.tensor, self.ranks[op.peer], self.groups[op.channel])
+                for op in ops
+            ]
+            works = dist.batch_isend_irecv(p2p)
+            return [_TorchWork(w, op, self.rank, self.ranks[op.peer]) for w, op in zip(works, ops)]
+        handles = []
+        for op in ops:
+            call = dist.isend if op.send else dist.irecv
+            kwargs = {"dst" if op.send else "src": self.ranks[op.peer]}
+            work = call(op.tensor, group=self.groups[op.channel], tag=int(op.channel), **kwargs)
+            handles.append(_TorchWork(work, op, self.rank, self.ranks[op.peer]))
+        return handles
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> None:
+        dist.all_reduce(tensor, group=self.groups[Channel.GRADIENT])

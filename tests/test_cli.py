@@ -1,0 +1,187 @@
+"""The ``dualpipe-plugin`` CLI: schedule / simulate / visualize, in-process and through the installed script.
+
+Bad input exits with status 2 and one ``dualpipe-plugin <cmd>: error: ...`` line naming the fix, never a
+traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dualpipe_plugin.cli import main
+
+GOLDEN = Path(__file__).resolve().parent / "schedules" / "golden"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _script() -> str:
+    """The installed console script: next to this interpreter (the venv), else on PATH."""
+    beside = Path(sys.executable).parent / "dualpipe-plugin"
+    found = str(beside) if beside.exists() else shutil.which("dualpipe-plugin")
+    if found is None:
+        pytest.fail("the dualpipe-plugin console script is not installed; run: pip install -e .")
+    return found
+
+
+def _run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# --- schedule ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, p, c", [("dualpipe", 4, 8), ("dualpipe", 8, 20), ("dualpipev", 3, 7), ("zb1p", 4, 9)])
+def test_schedule_prints_the_golden_text(capsys, name: str, p: int, c: int) -> None:
+    code, out, err = _run(capsys, "schedule", name, "--ranks", str(p), "--microbatches", str(c))
+    assert code == 0 and err == ""
+    assert out == (GOLDEN / f"{name}_P{p}_C{c}.txt").read_text()
+
+
+def test_schedule_short_flags(capsys) -> None:
+    code, out, _ = _run(capsys, "schedule", "dualpipev", "-P", "3", "-C", "7")
+    assert code == 0 and out == (GOLDEN / "dualpipev_P3_C7.txt").read_text()
+
+
+# --- simulate ------------------------------------------------------------------------------------------
+
+
+def test_simulate_json(capsys) -> None:
+    code, out, err = _run(
+        capsys, "simulate", "dualpipe", "--ranks", "4", "--microbatches", "8", "--cost", "F=1,B=2,I=1,W=1,FB=3", "--json"
+    )
+    assert code == 0 and err == ""
+    figures = json.loads(out)
+    assert {"makespan", "idle_per_rank", "bubble", "peak_activations_per_rank"} <= set(figures)
+    assert figures["idle_per_rank"] == [2.0] * 4  # (P/2-1)(F&B+B-3W) = 1 * (3+2-3)
+    assert figures["bubble"] == 2.0
+    assert figures["peak_activations_per_rank"] == [5] * 4
+    assert (figures["schedule"], figures["ranks"], figures["microbatches"]) == ("dualpipe", 4, 8)
+
+
+def test_simulate_json_default_costs(capsys) -> None:
+    code, out, _ = _run(capsys, "simulate", "1f1b", "--ranks", "4", "--microbatches", "8", "--json")
+    figures = json.loads(out)
+    assert code == 0 and figures["idle_per_rank"] == [9.0] * 4 and figures["peak_activations_per_rank"] == [4, 3, 2, 1]
+
+
+def test_simulate_table(capsys) -> None:
+    code, out, _ = _run(capsys, "simulate", "dualpipev", "--ranks", "2", "--microbatches", "5", "--cost", "F=1,B=2,W=1,comm=0.5")
+    assert code == 0
+    assert "makespan" in out and "bubble" in out and "peak activations" in out
+    assert len([line for line in out.splitlines() if line.strip().split()[:1] in (["0"], ["1"])]) == 2
+
+
+# --- visualize -----------------------------------------------------------------------------------------
+
+
+def test_visualize_png(capsys, tmp_path) -> None:
+    target = tmp_path / "timeline.png"
+    code, out, _ = _run(capsys, "visualize", "dualpipe", "--ranks", "4", "--microbatches", "8", "--out", str(target))
+    assert code == 0 and str(target) in out
+    assert target.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_visualize_chrome_trace(capsys, tmp_path) -> None:
+    target = tmp_path / "trace.json"
+    code, _, _ = _run(capsys, "visualize", "dualpipev", "-P", "3", "-C", "7", "--out", str(target))
+    assert code == 0
+    events = json.loads(target.read_text())["traceEvents"]
+    assert len([event for event in events if event["ph"] == "X"]) == sum(
+        len(line.split()) - 2 for line in (GOLDEN / "dualpipev_P3_C7.txt").read_text().splitlines()
+    )
+    assert {event["tid"] for event in events if event["ph"] == "X"} == {0, 1, 2}
+
+
+# --- bad input -----------------------------------------------------------------------------------------
+
+_BAD = [
+    (["schedule", "dualpipe", "--ranks", "3", "--microbatches", "8"], "schedule", "or the 'dualpipev' schedule"),
+    (["schedule", "dualpipe", "--ranks", "4", "--microbatches", "9"], "schedule", "use 10"),
+    (["schedule", "dualpipev", "--ranks", "4", "--microbatches", "7"], "schedule", "at least 2 x ranks = 8"),
+    (["schedule", "dualpipe", "--ranks", "4", "--microbatches", "6"], "schedule", "raise the micro-batch count"),
+    (["schedule", "dualpipev", "--ranks", "0", "--microbatches", "4"], "schedule", "at least 1 pipeline rank"),
+    (["schedule", "1f1b", "--ranks", "-2", "--microbatches", "4"], "schedule", "at least 1 pipeline rank"),
+    (["schedule", "gpipe", "--ranks", "4", "--microbatches", "8"], "schedule", "valid schedules: dualpipe, dualpipev, 1f1b, zb1p"),
+    (["simulate", "dualpipev", "-P", "2", "-C", "4", "--cost", "F=-1,B=2,W=1"], "simulate", "every cost must be >= 0"),
+    (["simulate", "dualpipev", "-P", "2", "-C", "4", "--cost", "F=1,B="], "simulate", "cost B is missing its value"),
+    (["simulate", "dualpipev", "-P", "2", "-C", "4", "--cost", "F1,B2"], "simulate", "expected KEY=NUMBER"),
+    (["simulate", "dualpipev", "-P", "2", "-C", "4", "--cost", "F=1;B=2"], "simulate", "is not a number"),
+    (["simulate", "dualpipev", "-P", "2", "-C", "4", "--cost", "X=1"], "simulate", "KEY one of F, B, I, W, FB, comm"),
+    (["simulate", "dualpipev", "-P", "2", "-C", "4", "--cost", ""], "simulate", "empty cost string"),
+    (["visualize", "zb1p", "-P", "2", "-C", "4", "--out", "timeline.svg"], "visualize", "name it *.png"),
+    (["visualize", "dualpipe", "-P", "3", "-C", "8", "--out", "timeline.png"], "visualize", "even"),
+]
+
+
+def _assert_one_clear_error(err: str, command: str, fix: str) -> None:
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"dualpipe-plugin {command}: error: "), err
+    assert fix in lines[0], err
+
+
+@pytest.mark.parametrize("argv, command, fix", _BAD, ids=lambda v: v if isinstance(v, str) else " ".join(v)[:60])
+def test_bad_input_exits_2_with_one_line(capsys, argv: list[str], command: str, fix: str, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # visualize must not leave files behind
+    code, out, err = _run(capsys, *argv)
+    assert code == 2 and out == ""
+    _assert_one_clear_error(err, command, fix)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "argv, command, fix",
+    [
+        (["schedule", "dualpipe", "--microbatches", "8"], "schedule", "the following arguments are required: --ranks"),
+        (["schedule", "dualpipe", "--ranks", "four", "--microbatches", "8"], "schedule", "invalid int value: 'four'"),
+        (["simulate", "dualpipe", "-P", "4", "-C", "8", "--cost"], "simulate", "--cost: expected one argument"),
+        (["visualize", "dualpipe", "-P", "4", "-C", "8"], "visualize", "the following arguments are required: --out"),
+        (["nonsense"], "", "invalid choice: 'nonsense'"),
+    ],
+)
+def test_usage_errors_exit_2(capsys, argv: list[str], command: str, fix: str) -> None:
+    """argparse's own errors: usage, then ``dualpipe-plugin <cmd>: error: ...``; status 2, no traceback."""
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    prefix = f"dualpipe-plugin {command}: error: " if command else "dualpipe-plugin: error: "
+    [line] = [line for line in err.splitlines() if line.startswith(prefix)]
+    assert fix in line
+
+
+# --- the installed entry point -------------------------------------------------------------------------
+
+
+def test_console_script_schedule() -> None:
+    done = subprocess.run(
+        [_script(), "schedule", "dualpipe", "--ranks", "4", "--microbatches", "8"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == (GOLDEN / "dualpipe_P4_C8.txt").read_text()
+
+
+def test_console_script_bad_input() -> None:
+    done = subprocess.run(
+        [_script(), "simulate", "dualpipe", "--ranks", "3", "--microbatches", "8", "--json"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert done.returncode == 2 and done.stdout == ""
+    _assert_one_clear_error(done.stderr, "simulate", "'dualpipev'")
+
+
+def test_console_script_usage_error() -> None:
+    done = subprocess.run([_script(), "schedule", "dualpipe"], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert any(line.startswith("dualpipe-plugin schedule: error: ") for line in done.stderr.splitlines())
