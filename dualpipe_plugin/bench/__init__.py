@@ -1,0 +1,1 @@
+"""Benchmarks on the emulated device: one module per benchmark, each returning a JSON-able dict."""
