@@ -5,7 +5,9 @@ just before it is needed, and reaps sends lazily. :class:`TorchTransport` is the
 ``torch.distributed`` process groups: activations and gradients travel on *separate* groups, so the two
 directions of traffic between one pair of ranks (P=2, or the middle of dualpipe) can never be matched to
 the wrong receive, even on NCCL where tags are ignored. On NCCL a batch goes out through
-``batch_isend_irecv`` (one NCCL group, like DeepSeek's reference); on gloo each op is issued on its own.
+``batch_isend_irecv``, one NCCL group call per channel (like DeepSeek's reference, which batches each op
+boundary's transfers); on gloo each op is issued on its own. The NCCL path is not exercised by CI (no
+multi-GPU machine there); the gloo path is, in every multi-process test.
 
 Adapters build a transport from their framework's pipeline group and ranks (DeepSpeed's grid, Megatron's
 parallel_state); nothing here assumes the pipeline is the WORLD group.
@@ -139,13 +141,23 @@ class TorchTransport:
     def start(self, ops: Sequence[P2P]) -> list[Work]:
         if not ops:
             return []
-        if self._batched:
-            p2p = [
-                dist.P2POp(dist.isend if op.send else dist.irecv, op.tensor, self.ranks[op.peer], self.groups[op.channel])
-                for op in ops
-            ]
-            works = dist.batch_isend_irecv(p2p)
-            return [_TorchWork(w, op, self.rank, self.ranks[op.peer]) for w, op in zip(works, ops)]
+        if self._batched:  # NCCL: one group call per channel (batch_isend_irecv needs a single group)
+            handles: list[Work | None] = [None] * len(ops)
+            for channel in Channel:
+                indices = [i for i, op in enumerate(ops) if op.channel is channel]
+                if not indices:
+                    continue
+                p2p = [
+                    dist.P2POp(dist.isend if ops[i].send else dist.irecv, ops[i].tensor, self.ranks[ops[i].peer],
+                               self.groups[channel])
+                    for i in indices
+                ]
+                works = dist.batch_isend_irecv(p2p)
+                # NCCL completes a batch as a whole; torch may return one work for it: share it.
+                for position, i in enumerate(indices):
+                    work = works[position] if len(works) == len(indices) else works[-1]
+                    handles[i] = _TorchWork(work, ops[i], self.rank, self.ranks[ops[i].peer])
+            return handles
         handles = []
         for op in ops:
             call = dist.isend if op.send else dist.irecv
