@@ -19,6 +19,7 @@ _COMMANDS = (
     ("schedule", "dualpipe_plugin.commands.schedule_cmd", "print a schedule's per-rank op order"),
     ("simulate", "dualpipe_plugin.commands.simulate_cmd", "simulate a schedule: makespan, bubble, peak activations"),
     ("visualize", "dualpipe_plugin.commands.visualize_cmd", "draw a simulated timeline (PNG) or a Chrome trace (JSON)"),
+    ("advise", "dualpipe_plugin.commands.advise_cmd", "rank the schedules for your size, costs and memory cap"),
     ("demo", "dualpipe_plugin.commands.demo_cmd", "show a DualPipeV schedule, its simulated timeline and bubble"),
     ("bench", "dualpipe_plugin.commands.bench_cmd", "benchmark schedules on the emulated device (real gloo ranks)"),
 )

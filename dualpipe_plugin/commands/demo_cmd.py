@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from dualpipe_plugin.schedules import CostModel, build_schedule, simulate
+from dualpipe_plugin.schedules.advise import scale_costs
 from dualpipe_plugin.schedules.render import write_chrome_trace, write_timeline_png
 
 
@@ -19,18 +20,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs-dir", default="runs", help="where runs/<timestamp>/ is created")
 
 
-def _scaled(costs: CostModel, factor: float) -> CostModel:
-    return CostModel(
-        F=costs.F * factor, B=costs.B * factor, W=costs.W * factor,
-        I=None if costs.I is None else costs.I * factor, FB=None if costs.FB is None else costs.FB * factor,
-        comm=costs.comm,
-    )
-
-
 def run(args: argparse.Namespace) -> int:
     costs = CostModel.parse(args.cost)
     schedule = build_schedule(args.schedule, args.ranks, args.microbatches)
-    result = simulate(schedule, _scaled(costs, args.ranks / schedule.placement.num_stages))
+    result = simulate(schedule, scale_costs(costs, args.ranks / schedule.placement.num_stages))
     out = Path(args.runs_dir) / time.strftime("%Y%m%d-%H%M%S")
     title = f"{schedule.name}  P={schedule.num_ranks}  C={schedule.num_microbatches}  ({args.cost})"
     png = write_timeline_png(result.timed_rows(), out / "timeline.png", title)
@@ -48,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {name:10s} n/a ({str(error).split(';')[0]})")
             continue
         stages = other_schedule.placement.num_stages
-        other = simulate(other_schedule, _scaled(costs, args.ranks / stages))
+        other = simulate(other_schedule, scale_costs(costs, args.ranks / stages))
         print(f"  {name:10s} {stages:2d} stages  makespan {other.makespan:7g}  bubble {other.bubble:6g}  "
               f"peak activations {max(other.peak_activations_per_rank)} chunks of 1/{stages} of the model")
     print(f"\nwrote {png} and {trace} (open the trace in chrome://tracing or ui.perfetto.dev)")

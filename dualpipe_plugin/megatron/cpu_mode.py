@@ -266,6 +266,10 @@ def _build_patches() -> list[_Patch]:
     build = DistributedOptimizer.__dict__["_build_model_and_main_param_groups"]
     patches.append(_Patch(DistributedOptimizer, "_build_model_and_main_param_groups",
                           classmethod(_with_cuda_type_names(build.__func__)), "param.type() == 'torch.cuda.FloatTensor'"))
+    from megatron.core.optimizer import clip_grads, optimizer as mc_optimizer
+
+    patches.append(_Patch(mc_optimizer, "clip_grad_by_total_norm_fp32",
+                          _with_cuda_type_names(clip_grads.clip_grad_by_total_norm_fp32), "grad.type() assert"))
     import importlib
     for modname, why in _TORCH_PROXIED:
         mod = importlib.import_module(modname)

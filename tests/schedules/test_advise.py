@@ -1,0 +1,54 @@
+"""The advisor ranks schedules by simulated step time within a memory cap."""
+
+import json
+
+import pytest
+
+from dualpipe_plugin.cli import main
+from dualpipe_plugin.schedules import CostModel, ScheduleConfigError
+from dualpipe_plugin.schedules.advise import advise
+
+
+def test_overlap_gain_makes_a_dualpipe_family_schedule_win():
+    advice = advise(8, 32, CostModel(F=1, B=2, W=1, FB=2.5))
+    assert advice.best.schedule in ("dualpipe", "dualpipev")
+    assert [c.feasible for c in advice.ranking] == [True] * 4
+    times = [c.step_time for c in advice.ranking]
+    assert times == sorted(times)
+
+
+def test_memory_cap_excludes_and_explains():
+    advice = advise(8, 32, CostModel(F=1, B=2, W=1), memory_cap=8.6)
+    dualpipe = next(c for c in advice.ranking if c.schedule == "dualpipe")
+    assert not dualpipe.feasible and "exceeds the cap 8.6" in dualpipe.reason
+    assert advice.ranking[-1].schedule == "dualpipe"
+    # dualpipev and zb1p tie on time at these costs; the tie goes to less memory.
+    assert advice.best.schedule == "zb1p"
+    assert len(advice.explain().splitlines()) == 3
+
+
+def test_units_match_the_table():
+    units = {c.schedule: c.peak_activation_units for c in advise(4, 16, CostModel()).ranking}
+    assert units == {"1f1b": 4, "zb1p": 4, "dualpipe": 5, "dualpipev": 4.5}
+
+
+def test_infeasible_sizes_are_reported_not_raised():
+    advice = advise(3, 6, CostModel())
+    dualpipe = next(c for c in advice.ranking if c.schedule == "dualpipe")
+    assert not dualpipe.feasible and "even number of pipeline ranks" in dualpipe.reason
+
+
+def test_bad_cap():
+    with pytest.raises(ScheduleConfigError, match="memory cap must be positive"):
+        advise(4, 8, CostModel(), memory_cap=0)
+
+
+def test_cli_json(capsys):
+    assert main(["advise", "-P", "4", "-C", "8", "--cost", "F=1,B=2,W=1,FB=2.5", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["best"] in ("dualpipe", "dualpipev") and len(data["ranking"]) == 4
+
+
+def test_cli_nothing_fits(capsys):
+    assert main(["advise", "-P", "4", "-C", "8", "--memory-cap", "1"]) == 1
+    assert "no schedule fits" in capsys.readouterr().out
