@@ -1,0 +1,538 @@
+"""DeepSpeed test groundwork: a tiny PipelineModule, a config builder, data, a spawned rank and a reference.
+
+The pieces compare DeepSpeed's own pipeline engine (TrainSchedule) with a single-process, unpipelined
+reference in plain torch, and later our DualPipe engines with both:
+
+>>> from dualpipe_plugin.launch import run_local
+>>> case = Case(num_stages=2, micro_batches=4)
+>>> results = run_local(run_deepspeed_rank, case.world_size, args=(case,))   # one RankResult per rank
+>>> ref = reference_run(case)
+>>> assert all(r.losses == ref.losses for r in results)
+>>> merged = merge_rank_params(results)                                       # one replica, global names
+>>> assert all(torch.equal(merged[n], ref.params[n]) for n in merged)
+
+Another engine on the same model/config/data: ``args=(case, partial(initialize_pipeline_engine, MyEngine))``.
+
+Parameters are keyed by a GLOBAL name that does not depend on the partition: DeepSpeed registers layer
+``i`` of the spec list as submodule ``str(i)`` and a tied module as ``tied_modules.<key>``, so
+``"3.weight"`` or ``"tied_modules.proj.weight"`` name the same tensor for any number of stages.
+
+[Note: what the reference reproduces]
+DeepSpeed's arithmetic, step by step, so that fp32 runs compare bit for bit:
+  * each micro-batch's loss is divided by gradient_accumulation_steps before backward (DeepSpeedEngine
+    .backward on the last stage; the engine's output hook then leaves the gradient alone);
+  * gradients accumulate in ``.grad`` over the micro-batches of one data-parallel replica;
+  * a tied weight whose uses sit on different stages has one copy per stage; each copy accumulates its
+    own uses' gradients and the copies are summed once at the end (ReduceTiedGrads) - not per
+    micro-batch, which is what a single shared module would do;
+  * data-parallel replicas are summed and multiplied by 1/dp (ReduceGrads, postscale default);
+  * fp32 without ZeRO clips with DeepSpeed's ``clip_grad_norm_(mpu=grid)``, whose norm counts only the
+    parameters of pipeline stage 0 (``mpu.get_model_parallel_rank() == 0`` is the stage index inside the
+    pipe group) - reproduced by ``_clip_stage0_``; ZeRO-1 and bf16 use the global norm (``_clip_global_``);
+  * the loss train_batch reports is (sum of micro-batch losses) / gas, averaged over replicas.
+The reference runs with one intra-op thread, like the spawned ranks, so matmul reductions match.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "Case",
+    "RankResult",
+    "RunResult",
+    "DenseTanh",
+    "TiedProjection",
+    "tied_output_fn",
+    "mse_loss",
+    "layer_specs",
+    "build_pipeline_module",
+    "stage_bounds",
+    "ds_config",
+    "micro_batches_for",
+    "data_iter",
+    "skip_shm_comm_build",
+    "run_deepspeed_rank",
+    "initialize_pipeline_engine",
+    "merge_rank_params",
+    "reference_run",
+    "params_max_diff",
+]
+
+TIED_KEY = "proj"
+
+
+# --- the model ---------------------------------------------------------------------------------------
+
+
+def _seeded_uniform_(tensor: torch.Tensor, seed: int, bound: float) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        tensor.copy_(torch.empty(tensor.shape).uniform_(-bound, bound, generator=generator))
+
+
+class DenseTanh(nn.Module):
+    """``tanh(x @ W.T + b)``; its initial values depend only on ``seed`` (not on the global RNG)."""
+
+    def __init__(self, width: int, seed: int):
+        super().__init__()
+        self.linear = nn.Linear(width, width)
+        bound = 1.0 / width**0.5
+        _seeded_uniform_(self.linear.weight, 2 * seed, bound)
+        _seeded_uniform_(self.linear.bias, 2 * seed + 1, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.linear(x))
+
+
+class TiedProjection(nn.Module):
+    """A square projection without bias, used as ``x @ W.T`` at the input and ``x @ W`` at the output."""
+
+    def __init__(self, width: int, seed: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(width, width))
+        _seeded_uniform_(self.weight, 2 * seed, 1.0 / width**0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+def tied_output_fn(module: TiedProjection, x: torch.Tensor) -> torch.Tensor:
+    """The output use of the tied projection (its transpose), a ``TiedLayerSpec.forward_fn``."""
+    return F.linear(x, module.weight.t())
+
+
+def mse_loss(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The pipeline's ``loss_fn``; computed in fp32 so bf16 runs report comparable losses."""
+    return F.mse_loss(outputs.float(), labels.float())
+
+
+# --- one test case ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Case:
+    """Everything a DeepSpeed run and its reference need; picklable, so it travels to spawned ranks."""
+
+    num_stages: int = 2
+    dp: int = 1
+    num_layers: int = 8
+    """DenseTanh layers; with ``tied`` two more specs wrap them (tied input and output projection)."""
+    width: int = 32
+    tied: bool = False
+    partition_method: str = "uniform"
+    micro_batches: int = 4
+    micro_batch_size: int = 3
+    steps: int = 3
+    optimizer: str = "sgd"
+    """'sgd' (torch SGD, no momentum) or 'adam' (torch Adam via DeepSpeed's ``torch_adam``, not AdamW)."""
+    lr: float = 0.05
+    zero_stage: int = 0
+    bf16: bool = False
+    gradient_clipping: float = 0.0
+    activation_checkpoint_interval: int = 0
+    seed: int = 0
+    eval_after: bool = False
+    """Run one ``eval_batch`` on fresh data after training (reported as RankResult.eval_loss)."""
+    pipeline: dict = field(default_factory=dict)
+    """Extra keys for the JSON config's ``"pipeline"`` dict (DeepSpeed copies it verbatim)."""
+    keep_shm_comm: bool = False
+    """Let DeepSpeed JIT-build its shared-memory comm op (~20 s once per machine); see skip_shm_comm_build."""
+
+    @property
+    def world_size(self) -> int:
+        return self.num_stages * self.dp
+
+
+@dataclass(frozen=True)
+class RankResult:
+    rank: int
+    stage_id: int
+    dp_id: int
+    losses: list[float]
+    """What ``engine.train_batch()`` returned, per step (identical on every rank of a pipeline)."""
+    params: dict[str, torch.Tensor]
+    """This rank's parameters after the last step, fp32 copies, keyed by global name."""
+    eval_loss: float | None = None
+    extras: dict = field(default_factory=dict)
+    """A copy of ``engine.harness_extras`` if the engine has one (engines under test report through it)."""
+
+
+@dataclass(frozen=True)
+class RunResult:
+    losses: list[float]
+    params: dict[str, torch.Tensor]
+    eval_loss: float | None = None
+
+
+def layer_specs(case: Case) -> list:
+    """The DeepSpeed layer specs: ``num_layers`` DenseTanh, optionally between a tied projection pair."""
+    from deepspeed.pipe import LayerSpec, TiedLayerSpec
+
+    dense = [LayerSpec(DenseTanh, case.width, seed=case.seed * 1000 + i + 1) for i in range(case.num_layers)]
+    if not case.tied:
+        return dense
+    tied_seed = case.seed * 1000
+    return [
+        TiedLayerSpec(TIED_KEY, TiedProjection, case.width, seed=tied_seed),
+        *dense,
+        TiedLayerSpec(TIED_KEY, TiedProjection, case.width, seed=tied_seed, forward_fn=tied_output_fn),
+    ]
+
+
+def build_pipeline_module(case: Case, **kwargs):
+    """A ``PipelineModule`` over ``layer_specs(case)``; needs an initialised process group."""
+    from deepspeed.pipe import PipelineModule
+
+    return PipelineModule(
+        layers=layer_specs(case),
+        num_stages=case.num_stages,
+        loss_fn=mse_loss,
+        partition_method=case.partition_method,
+        activation_checkpoint_interval=case.activation_checkpoint_interval,
+        **kwargs,
+    )
+
+
+def _spec_param_counts(case: Case) -> list[int]:
+    counts = [case.width * case.width + case.width] * case.num_layers
+    return [case.width * case.width, *counts, case.width * case.width] if case.tied else counts
+
+
+def stage_bounds(case: Case) -> list[int]:
+    """DeepSpeed's partition of the spec list (``PipelineModule.parts``), computed without a process group."""
+    from deepspeed.runtime import utils as ds_utils
+
+    num_specs = case.num_layers + (2 if case.tied else 0)
+    method = case.partition_method.lower()
+    if method == "uniform":
+        return list(ds_utils.partition_uniform(num_items=num_specs, num_parts=case.num_stages))
+    if method == "parameters":
+        return list(ds_utils.partition_balanced(weights=_spec_param_counts(case), num_parts=case.num_stages))
+    raise ValueError(f"partition_method must be 'uniform' or 'parameters', got {case.partition_method!r}")
+
+
+# --- the DeepSpeed config ------------------------------------------------------------------------------
+
+
+def ds_config(case: Case) -> dict[str, Any]:
+    """A DeepSpeed JSON config (as a dict) for ``case``."""
+    if case.optimizer == "sgd":
+        optimizer = {"type": "SGD", "params": {"lr": case.lr}}
+    elif case.optimizer == "adam":
+        # torch_adam: plain torch.optim.Adam (FusedAdam/CPUAdam would JIT-compile C++ ops);
+        # adam_w_mode false: DeepSpeed's "Adam" otherwise means AdamW.
+        optimizer = {"type": "Adam", "params": {"lr": case.lr, "torch_adam": True, "adam_w_mode": False}}
+    else:
+        raise ValueError(f"optimizer must be 'sgd' or 'adam', got {case.optimizer!r}")
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": case.micro_batch_size,
+        "gradient_accumulation_steps": case.micro_batches,
+        "train_batch_size": case.micro_batch_size * case.micro_batches * case.dp,
+        "optimizer": optimizer,
+        "zero_optimization": {"stage": case.zero_stage},
+        "bf16": {"enabled": case.bf16},
+        "gradient_clipping": case.gradient_clipping,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if case.zero_stage > 0:
+        config["zero_allow_untested_optimizer"] = True  # ZeRO lists torch SGD as "untested"
+    if case.pipeline:
+        config["pipeline"] = dict(case.pipeline)
+    return config
+
+
+# --- data ----------------------------------------------------------------------------------------------
+
+
+def micro_batches_for(case: Case, step: int, dp_id: int, *, split: str = "train") -> list[tuple]:
+    """The (inputs, labels) micro-batches replica ``dp_id`` consumes at ``step``; a pure function."""
+    salt = {"train": 0, "eval": 1}[split]
+    batches = []
+    for micro in range(case.micro_batches):
+        seed = ((case.seed * 7919 + salt) * 1009 + step) * 1013 + dp_id * 101 + micro
+        generator = torch.Generator().manual_seed(seed)
+        x = torch.randn(case.micro_batch_size, case.width, generator=generator)
+        y = torch.randn(case.micro_batch_size, case.width, generator=generator) * 0.5
+        if case.bf16:
+            x = x.to(torch.bfloat16)
+        batches.append((x, y))
+    return batches
+
+
+def data_iter(case: Case, step: int, dp_id: int, *, split: str = "train") -> Iterator[tuple]:
+    """An iterator over ``micro_batches_for(...)``: what ``train_batch(data_iter)`` pulls from."""
+    return iter(micro_batches_for(case, step, dp_id, split=split))
+
+
+# --- a DeepSpeed rank ------------------------------------------------------------------------------------
+
+
+def skip_shm_comm_build() -> None:
+    """Tell DeepSpeed its CPU shared-memory comm op is unavailable, so ``init_distributed`` skips its JIT build.
+
+    ``TorchBackend.__init__`` calls ``build_shm_op()``, which JIT-compiles ``deepspeed_shm_comm`` (~20 s on
+    2 cores, cached in ``$TORCH_EXTENSIONS_DIR``) whenever ``deepspeed.ops.__compatible_ops__`` marks it
+    compatible - even when torch.distributed is already initialised. The op only serves
+    ``inference_all_reduce``; training collectives go through torch.distributed/gloo either way.
+    ``__compatible_ops__`` is a module-level dict DeepSpeed caches on first access and documents as
+    editable, so marking the op incompatible is the supported way to get the non-Linux fallback.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def _param_snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().float().clone() for name, p in module.named_parameters()}
+
+
+def run_deepspeed_rank(rank: int, world_size: int, case: Case, engine_factory: Callable | None = None) -> RankResult:
+    """Inside a spawned rank: ``deepspeed.initialize`` + ``case.steps`` x ``train_batch`` (+ ``eval_batch``).
+
+    ``engine_factory(model, config) -> engine`` replaces ``deepspeed.initialize`` (to test another engine
+    on the same model/config/data); it must be a module-level function so the case stays picklable.
+    """
+    if world_size != case.world_size:
+        raise ValueError(f"case needs {case.world_size} ranks (num_stages x dp), got {world_size}")
+    if not case.keep_shm_comm:
+        skip_shm_comm_build()
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    model = build_pipeline_module(case)
+    config = ds_config(case)
+    if engine_factory is None:
+        engine, _, _, _ = deepspeed.initialize(
+            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=config
+        )
+    else:
+        engine = engine_factory(model, config)
+    stage_id = engine.grid.get_stage_id()
+    dp_id = engine.grid.get_data_parallel_id()
+
+    losses = []
+    for step in range(case.steps):
+        loss = engine.train_batch(data_iter(case, step, dp_id))
+        losses.append(float(loss.item()))
+    eval_loss = None
+    if case.eval_after:
+        eval_loss = float(engine.eval_batch(data_iter(case, case.steps, dp_id, split="eval")).item())
+    extras = dict(getattr(engine, "harness_extras", {}))
+    return RankResult(rank, stage_id, dp_id, losses, _param_snapshot(engine.module), eval_loss, extras)
+
+
+def initialize_pipeline_engine(engine_cls: type, model, config: dict[str, Any]):
+    """``deepspeed.initialize``'s pipeline branch with ``engine_cls`` in place of ``PipelineEngine``.
+
+    deepspeed.initialize (0.19.8) hard-codes ``DualPipeVEngine if isinstance(model, DualPipeVModule) else
+    PipelineEngine``; nothing registers another class. These are the same steps, minus what a pipeline
+    never uses (mesh device, AutoTP merge), so an engine subclass is built without patching DeepSpeed.
+    Use as ``engine_factory=functools.partial(initialize_pipeline_engine, MyEngine)``.
+    """
+    import deepspeed
+    from deepspeed import comm as dist
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.runtime import zero
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    dist.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+    zero.partition_parameters.shutdown_init_context()
+    try:
+        mpu = model.mpu()
+        config_class = DeepSpeedConfig(config, mpu)
+        deepspeed.set_optimizer_flags(config_class, model)
+        engine = engine_cls(
+            args=None, model=model, optimizer=None,
+            model_parameters=[p for p in model.parameters() if p.requires_grad],
+            training_data=None, lr_scheduler=None, mpu=mpu, dist_init_required=None, collate_fn=None,
+            config=config, config_class=config_class,
+        )
+    finally:
+        zero.partition_parameters.restore_init_context()
+    engine._configure_python_gc()
+    return engine
+
+
+def merge_rank_params(results: Sequence[RankResult], dp_id: int = 0) -> dict[str, torch.Tensor]:
+    """One replica's parameters by global name; a tied weight held by several stages must agree bitwise."""
+    merged: dict[str, torch.Tensor] = {}
+    for result in results:
+        if result.dp_id != dp_id:
+            continue
+        for name, value in result.params.items():
+            if name in merged and not torch.equal(merged[name], value):
+                raise AssertionError(f"stages disagree on {name} (max diff {(merged[name] - value).abs().max()})")
+            merged[name] = value
+    return merged
+
+
+def params_max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Max abs difference per parameter; raises if the names differ."""
+    if a.keys() != b.keys():
+        raise AssertionError(f"parameter names differ: only left {sorted(a.keys() - b.keys())}, "
+                             f"only right {sorted(b.keys() - a.keys())}")
+    return {name: float((a[name] - b[name]).abs().max()) for name in a}
+
+
+# --- the single-process reference -------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+class _ReferenceModel:
+    """The full spec list in one process. Tied uses on different stages get one copy per stage."""
+
+    def __init__(self, case: Case):
+        bounds = stage_bounds(case)
+        self.stage_of = [next(s for s in range(case.num_stages) if bounds[s] <= i < bounds[s + 1])
+                         for i in range(bounds[-1])]
+        tied_stages = sorted({self.stage_of[i] for i, spec in enumerate(layer_specs(case)) if _is_tied(spec)})
+        self.split_tied = len(tied_stages) > 1
+        self.tied_copies: dict[int, nn.Module] = {}  # owning stage (0 when not split) -> module
+        self.layers: dict[int, nn.Module] = {}
+        self.funcs: list[Callable] = []
+        for i, spec in enumerate(layer_specs(case)):
+            if _is_tied(spec):
+                owner = self.stage_of[i] if self.split_tied else 0
+                if owner not in self.tied_copies:
+                    self.tied_copies[owner] = spec.build()
+                module = self.tied_copies[owner]
+                self.funcs.append(module if spec.forward_fn is None else partial(spec.forward_fn, module))
+            else:
+                self.layers[i] = spec.build()
+                self.funcs.append(self.layers[i])
+        self.tied_stages = tied_stages
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for func in self.funcs:
+            x = func(x)
+        return x
+
+    def named_params(self) -> dict[str, nn.Parameter]:
+        """Global name -> parameter; the first tied copy stands for the tied weight."""
+        named = {}
+        if self.tied_copies:
+            first = self.tied_copies[min(self.tied_copies)]
+            named.update({f"tied_modules.{TIED_KEY}.{n}": p for n, p in first.named_parameters()})
+        for i, module in self.layers.items():
+            named.update({f"{i}.{n}": p for n, p in module.named_parameters()})
+        return named
+
+    def all_params(self) -> list[nn.Parameter]:
+        params = [p for m in self.tied_copies.values() for p in m.parameters()]
+        return params + [p for m in self.layers.values() for p in m.parameters()]
+
+    def stage0_params(self) -> list[nn.Parameter]:
+        """DeepSpeed's ``module.parameters()`` order on stage 0: tied modules first, then layers."""
+        params = [p for p in self.tied_copies.get(0, nn.Module()).parameters()] if self.tied_copies else []
+        return params + [p for i, m in self.layers.items() if self.stage_of[i] == 0 for p in m.parameters()]
+
+
+def _is_tied(spec) -> bool:
+    from deepspeed.pipe import TiedLayerSpec
+
+    return isinstance(spec, TiedLayerSpec)
+
+
+def _clip_stage0_(model: _ReferenceModel, grads: dict[int, torch.Tensor], max_norm: float) -> None:
+    """DeepSpeed's fp32 ``clip_grad_norm_`` with a pipeline grid: the norm counts stage-0 parameters only."""
+    norms = [grads[id(p)].float().norm(2) for p in model.stage0_params()]
+    total = torch.stack(norms).pow(2.0).sum().float() if norms else torch.tensor([0.0])
+    total = total.pow(1.0 / 2.0)
+    # clip_grad_norm_ then averages the norm over the data-parallel group: (n / dp) * dp is exact for dp <= 2
+    coef = torch.min(torch.tensor([1.0]), torch.tensor([float(max_norm)]) / (total + 1e-6))
+    for grad in grads.values():
+        grad.mul_(coef)
+
+
+def _clip_global_(model: _ReferenceModel, grads: dict[int, torch.Tensor], max_norm: float) -> None:
+    unique = [grads[id(p)] for p in model.named_params().values()]
+    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in unique]))
+    coef = min(1.0, max_norm / (float(total) + 1e-6))
+    for grad in grads.values():
+        grad.mul_(coef)
+
+
+def reference_run(case: Case) -> RunResult:
+    """Train ``case`` unpipelined in this process with DeepSpeed's arithmetic (see the module note).
+
+    fp32 SGD/Adam with ZeRO 0/1 and dp <= 2 reproduces DeepSpeed bit for bit; with clipping under ZeRO-1
+    or bf16 the norm differs in rounding (see the tests for tolerances); bf16 is not modelled (the
+    reference stays fp32).
+    """
+    if case.dp > 2:
+        raise ValueError(f"the reference sums replicas in one fixed order; dp={case.dp} > 2 is not bit-exact")
+    with _one_thread():
+        model = _ReferenceModel(case)
+        params = model.all_params()
+        if case.optimizer == "sgd":
+            optimizer = torch.optim.SGD(params, lr=case.lr)
+        else:
+            optimizer = torch.optim.Adam(params, lr=case.lr, foreach=False)
+        losses = []
+        for step in range(case.steps):
+            summed: dict[int, torch.Tensor] = {}
+            replica_losses = []
+            for dp_id in range(case.dp):
+                for p in params:
+                    p.grad = None
+                total = None
+                for x, y in micro_batches_for(case, step, dp_id):
+                    loss = mse_loss(model.forward(x.float()), y)
+                    total = torch.zeros_like(loss) if total is None else total
+                    total += loss.detach()
+                    (loss / case.micro_batches).backward()
+                replica_losses.append(total / case.micro_batches)
+                grads = {id(p): p.grad.clone() for p in params}
+                if model.split_tied:  # ReduceTiedGrads: one all-reduce over the stages holding a copy
+                    copies = [model.tied_copies[s] for s in model.tied_stages]
+                    for named in zip(*(c.parameters() for c in copies)):
+                        reduced = sum((grads[id(p)] for p in named[1:]), grads[id(named[0])].clone())
+                        for p in named:
+                            grads[id(p)] = reduced.clone()
+                for key, grad in grads.items():  # ReduceGrads: all-reduce over replicas
+                    summed[key] = grad if key not in summed else summed[key] + grad
+            if case.dp > 1:
+                for grad in summed.values():
+                    grad.mul_(1.0 / case.dp)
+            if case.gradient_clipping > 0:
+                if case.zero_stage == 0 and not case.bf16:
+                    _clip_stage0_(model, summed, case.gradient_clipping)
+                else:
+                    _clip_global_(model, summed, case.gradient_clipping)
+            for p in params:
+                p.grad = summed[id(p)]
+            optimizer.step()
+            loss = replica_losses[0]
+            if case.dp > 1:
+                loss = (replica_losses[0] + replica_losses[1]) / case.dp
+            losses.append(float(loss.item()))
+        eval_loss = None
+        if case.eval_after:
+            with torch.no_grad():
+                replica = []
+                for dp_id in range(case.dp):
+                    total = sum(mse_loss(model.forward(x.float()), y)
+                                for x, y in micro_batches_for(case, case.steps, dp_id, split="eval"))
+                    replica.append(total / case.micro_batches)
+                eval_loss = float((sum(replica) / case.dp).item())
+        final = {name: p.detach().clone() for name, p in model.named_params().items()}
+    return RunResult(losses, final, eval_loss)
+
