@@ -56,6 +56,15 @@ class StageHooks(Protocol):
         """On a last stage: the scalar loss of ``microbatch`` to back-propagate (already scaled)."""
         ...
 
+    # Optional (looked up with getattr, so not a Protocol member):
+    #
+    #   def grad_scope(self, action: Action) -> ContextManager: ...
+    #
+    # A context manager entered around every action that accumulates parameter gradients (B, I, W and
+    # F&B pairs; never in a forward-only step). Adapters whose optimizer keeps its own gradient
+    # accumulation use it: DeepSpeed's bf16 optimizer clears the low-precision gradients on entry and
+    # folds them into its fp32 copy on exit, and DeepSpeed's engine marks the backward as its own.
+
 
 class OverlapEngine(Protocol):
     """Runs one F&B pair with the forward and backward interleaved (see :mod:`dualpipe_plugin.runtime.overlap`)."""
@@ -223,20 +232,27 @@ class PipelineExecutor:
                     # record_function costs ~0.1 ms even with no profiler attached: only name ranges when one is.
                     with record_function(f"PP:{action}") if _profiler_enabled() else nullcontext():
                         self._dispatch(action)
+                    self._comm.flush()  # launching this op's transfers can fail too (a peer already gone)
                 except Exception as error:
                     error.add_note(
                         f"pipeline rank {self.rank}, step {index} ({action}) of {schedule.name} "
                         f"P={schedule.num_ranks} C={num_microbatches}:\n{format_grid(schedule, {self.rank: index})}"
                     )
                     raise
-                self._comm.flush()
                 if record:
                     self._outcome.timeline.append(
                         (action, (start - t0) * 1e3, (time.perf_counter() - t0) * 1e3)
                     )
-            self._comm.finish()
-        if schedule.placement.mirrored and not forward_only:
-            self.mirror_sync(self)
+            try:
+                self._comm.finish()
+                if schedule.placement.mirrored and not forward_only:
+                    self.mirror_sync(self)
+            except Exception as error:
+                error.add_note(
+                    f"pipeline rank {self.rank}, end of the step of {schedule.name} P={schedule.num_ranks} "
+                    f"C={num_microbatches} (waiting for its last sends or the mirrored-gradient exchange)"
+                )
+                raise
         self._hooks, self._comm = None, None
         return self._outcome
 
@@ -257,13 +273,23 @@ class PipelineExecutor:
         if isinstance(action, Pair):
             if self._forward_only:
                 self._run_forward(action.forward)
-            elif self.overlap is not None and self.overlap.supports(action.forward.chunk, action.backward.chunk):
-                self.overlap.run_pair(self, action)
-            else:
-                self._run_forward(action.forward)
-                self._run_backward(action.backward)
-        else:
+                return
+            with self._grad_scope(action):
+                if self.overlap is not None and self.overlap.supports(action.forward.chunk, action.backward.chunk):
+                    self.overlap.run_pair(self, action)
+                else:
+                    self._run_forward(action.forward)
+                    self._run_backward(action.backward)
+        elif action.kind is OpKind.F:
             self._handlers[action.kind](action)
+        else:
+            with self._grad_scope(action):
+                self._handlers[action.kind](action)
+
+    def _grad_scope(self, action: Action):
+        """The hooks' optional ``grad_scope(action)`` (see :class:`StageHooks`), else a no-op."""
+        scope = getattr(self._hooks, "grad_scope", None)
+        return scope(action) if scope is not None else nullcontext()
 
     # -- the ops ---------------------------------------------------------------------------------
     def _count(self, delta: int) -> None:
@@ -303,6 +329,11 @@ class PipelineExecutor:
             return
         self._stash[op.key] = _Stash(inputs, roots)
         self._count(+1)
+
+    def launch_queued(self) -> None:
+        """Launch the transfers queued so far now (the executor otherwise launches them after each action);
+        the overlap engine sends a pair's first finished half while the other half still runs."""
+        self._comm.flush()
 
     def _run_forward(self, op: Op) -> None:
         inputs = self.forward_inputs(op)

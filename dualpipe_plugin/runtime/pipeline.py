@@ -167,6 +167,9 @@ class DualPipeline:
             raise PipelineConfigError(
                 f"rank {self.rank} holds a last stage and needs the labels to compute the loss; got None"
             )
+        # The schedule judges the micro-batch count first (a clear ScheduleConfigError for 0 or -1,
+        # rather than a modulo by zero while splitting the batch).
+        self.executor._schedule_for(num_microbatches)
         split_inputs = _split(inputs, num_microbatches, "input") if inputs is not None else None
         split_labels = _split(labels, num_microbatches, "label") if labels is not None else None
         hooks = _TensorHooks(self, split_inputs, split_labels, loss_fn if labels is not None else None)

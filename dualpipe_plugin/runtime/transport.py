@@ -69,6 +69,14 @@ class Transport(Protocol):
         ...
 
 
+def _lost_peer(rank: int, op: P2P, global_peer: int, text: str) -> PipelinePeerError:
+    direction = "sending" if op.send else "receiving"
+    return PipelinePeerError(
+        f"pipeline rank {rank}: lost pipeline rank {op.peer} (global rank {global_peer}) while {direction} "
+        f"{op.what}: {text.splitlines()[0] if text else 'no detail from the backend'}"
+    )
+
+
 class _TorchWork:
     __slots__ = ("_work", "_op", "_rank", "_global_peer")
 
@@ -93,10 +101,7 @@ class _TorchWork:
                     f"{self._global_peer}); that rank is stuck, dead, or runs a different schedule or "
                     f"micro-batch count. Raise the timeout if its steps are legitimately this slow."
                 ) from None
-            raise PipelinePeerError(
-                f"pipeline rank {self._rank}: lost pipeline rank {self._op.peer} (global rank "
-                f"{self._global_peer}) while {direction} {self._op.what}: {text.splitlines()[0]}"
-            ) from None
+            raise _lost_peer(self._rank, self._op, self._global_peer, text) from None
         if completed is False:  # some backends report a timeout by returning False
             raise PipelineTimeoutError(
                 f"pipeline rank {self._rank}: timed out after {timeout_s:g} s {direction} {self._op.what} "
@@ -162,7 +167,10 @@ class TorchTransport:
         for op in ops:
             call = dist.isend if op.send else dist.irecv
             kwargs = {"dst" if op.send else "src": self.ranks[op.peer]}
-            work = call(op.tensor, group=self.groups[op.channel], tag=int(op.channel), **kwargs)
+            try:
+                work = call(op.tensor, group=self.groups[op.channel], tag=int(op.channel), **kwargs)
+            except RuntimeError as error:  # gloo refuses to post on a connection the peer already closed
+                raise _lost_peer(self.rank, op, self.ranks[op.peer], str(error)) from None
             handles.append(_TorchWork(work, op, self.rank, self.ranks[op.peer]))
         return handles
 
