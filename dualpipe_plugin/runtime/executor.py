@@ -96,6 +96,16 @@ class StepOutcome:
     """(action, start_ms, end_ms) relative to the step's start (only with ``record``)."""
 
 
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """cuda == cuda:current, cpu == cpu; a different index or type is a mismatch."""
+    if a.type != b.type:
+        return False
+    if a.type != "cuda":
+        return True
+    current = torch.cuda.current_device() if torch.cuda.is_available() else 0
+    return (a.index if a.index is not None else current) == (b.index if b.index is not None else current)
+
+
 def _profiler_enabled() -> bool:
     return torch.autograd.profiler._is_profiler_enabled
 
@@ -168,12 +178,11 @@ class PipelineExecutor:
         device = self.transport.device
         for index, chunk in enumerate(self.chunks):
             for name, param in chunk.named_parameters():
-                if param.device.type != device.type:
+                if not _same_device(param.device, device):
                     raise PipelineConfigError(
                         f"chunk {index} parameter {name!r} is on {param.device} but this pipeline "
                         f"communicates on {device}; move the chunk with .to({str(device)!r})"
                     )
-                break
 
     def _schedule_for(self, num_microbatches: int) -> Schedule:
         schedule = self._schedules.get(num_microbatches)
