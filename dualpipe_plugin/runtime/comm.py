@@ -15,6 +15,7 @@ lookup, not a transfer.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -71,6 +72,8 @@ class StepComm:
         self._link_header_sent: dict[tuple, tuple[TensorMeta, ...]] = {}
         self._local: dict[Transfer, tuple[tuple[torch.Tensor, ...], tuple[TensorMeta, ...]]] = {}
         self._sends: list[Work] = []
+        self.waited_s = 0.0
+        """Seconds spent blocked on receives; the executor reads it to time compute apart from waiting."""
 
     # -- receiving -------------------------------------------------------------------------------
     def post_recv(self, transfer: Transfer) -> None:
@@ -117,7 +120,7 @@ class StepComm:
         if pending.metas is None:
             assert pending.header is not None, "receives on one link are consumed in the order they were posted"
             self.flush()
-            pending.header_work.wait(self._timeout_s)
+            self._timed_wait(pending.header_work)
             metas = decode_header(pending.header)
             link = _link(transfer)
             if not self._per_microbatch:
@@ -127,9 +130,16 @@ class StepComm:
                 self._post_payload(waiting, metas)
         self.flush()
         for work in pending.works:
-            work.wait(self._timeout_s)
+            self._timed_wait(work)
         del self._pending[transfer]
         return tuple(pending.buffers), pending.metas
+
+    def _timed_wait(self, work: Work) -> None:
+        started = time.perf_counter()
+        try:
+            work.wait(self._timeout_s)
+        finally:
+            self.waited_s += time.perf_counter() - started
 
     # -- sending ---------------------------------------------------------------------------------
     def send(self, transfer: Transfer, tensors: tuple[torch.Tensor, ...]) -> None:

@@ -93,7 +93,8 @@ class StepOutcome:
     """Global micro-batch -> last-stage outputs (only with ``return_outputs``)."""
     peak_activations: int = 0
     timeline: list[tuple[Action, float, float]] = field(default_factory=list)
-    """(action, start_ms, end_ms) relative to the step's start (only with ``record``)."""
+    """(action, start_ms, end_ms) relative to the step's start (only with ``record``); the time an action
+    spent waiting for its inputs is left out of its span (it shows as idle)."""
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
@@ -235,6 +236,7 @@ class PipelineExecutor:
                 self._post(plan[index])
             for index, action in enumerate(actions):
                 start = time.perf_counter()
+                waited_before = self._comm.waited_s
                 for ahead in range(index + 1, min(index + 1 + self.lookahead, len(plan))):
                     self._post(plan[ahead])
                 try:
@@ -249,8 +251,10 @@ class PipelineExecutor:
                     )
                     raise
                 if record:
+                    # The span starts once the action stops waiting for its inputs: compute, not idle.
+                    busy_from = start + (self._comm.waited_s - waited_before)
                     self._outcome.timeline.append(
-                        (action, (start - t0) * 1e3, (time.perf_counter() - t0) * 1e3)
+                        (action, (busy_from - t0) * 1e3, (time.perf_counter() - t0) * 1e3)
                     )
             try:
                 self._comm.finish()
