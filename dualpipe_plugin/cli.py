@@ -20,7 +20,7 @@ _COMMANDS = (
     ("simulate", "dualpipe_plugin.commands.simulate_cmd", "simulate a schedule: makespan, bubble, peak activations"),
     ("visualize", "dualpipe_plugin.commands.visualize_cmd", "draw a simulated timeline (PNG) or a Chrome trace (JSON)"),
     ("advise", "dualpipe_plugin.commands.advise_cmd", "rank the schedules for your size, costs and memory cap"),
-    ("demo", "dualpipe_plugin.commands.demo_cmd", "show a DualPipeV schedule, its simulated timeline and bubble"),
+    ("demo", "dualpipe_plugin.commands.demo_cmd", "train a small MoE model with DualPipeV on local CPU processes and show where the time went"),
     ("bench", "dualpipe_plugin.commands.bench_cmd", "benchmark schedules on the emulated device (real gloo ranks)"),
 )
 

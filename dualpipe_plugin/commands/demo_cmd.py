@@ -1,5 +1,6 @@
-"""``dualpipe-plugin demo``: show DualPipeV at a glance: the per-rank op order, the simulated timeline
-(PNG + Chrome trace under runs/<timestamp>/) and the bubble against 1F1B and ZB1P at the same size."""
+"""``dualpipe-plugin demo``: train the reference MoE transformer with DualPipeV (+ overlap) on local CPU
+processes, then show where the time went: measured vs simulated bubble per rank, peak activations, and
+``runs/<time>/{timeline.png, trace.json, loss.png}``. ``--simulate`` shows the simulated schedule only."""
 
 from __future__ import annotations
 
@@ -14,22 +15,24 @@ from dualpipe_plugin.schedules.render import write_chrome_trace, write_timeline_
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--schedule", default="dualpipev")
-    parser.add_argument("--ranks", "-P", type=int, default=4)
-    parser.add_argument("--microbatches", "-C", type=int, default=10)
-    parser.add_argument("--cost", default="F=1,B=2,W=1,FB=3")
-    parser.add_argument("--runs-dir", default="runs", help="where runs/<timestamp>/ is created")
+    parser.add_argument("--ranks", "-P", type=int, default=4, help="pipeline ranks")
+    parser.add_argument("--ep", type=int, default=1, help="expert-parallel replicas (processes = ranks x ep)")
+    parser.add_argument("--microbatches", "-C", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--no-overlap", dest="overlap", action="store_false", help="run F&B pairs sequentially")
+    parser.add_argument("--runs-dir", default="runs", help="where runs/<time>/ is created")
+    parser.add_argument("--simulate", action="store_true", help="only show the simulated schedule (no training)")
+    parser.add_argument("--cost", default="F=1,B=2,W=1,FB=3", help="costs for --simulate")
 
 
-def run(args: argparse.Namespace) -> int:
+def _simulated_view(args: argparse.Namespace, out: Path) -> int:
     costs = CostModel.parse(args.cost)
     schedule = build_schedule(args.schedule, args.ranks, args.microbatches)
     result = simulate(schedule, scale_costs(costs, args.ranks / schedule.placement.num_stages))
-    out = Path(args.runs_dir) / time.strftime("%Y%m%d-%H%M%S")
     title = f"{schedule.name}  P={schedule.num_ranks}  C={schedule.num_microbatches}  ({args.cost})"
     png = write_timeline_png(result.timed_rows(), out / "timeline.png", title)
     trace = write_chrome_trace(result.timed_rows(), out / "trace.json", title)
-    print(f"{title}\n")
-    print(schedule.to_text())
+    print(f"{title}\n\n{schedule.to_text()}")
     print(f"\nsimulated makespan {result.makespan:g}, bubble {result.bubble:g}, "
           f"peak activations per rank {list(result.peak_activations_per_rank)}")
     print(f"\nthe same model on {args.ranks} ranks (--cost is per 1/{args.ranks} of the model; a dualpipev "
@@ -46,3 +49,38 @@ def run(args: argparse.Namespace) -> int:
               f"peak activations {max(other.peak_activations_per_rank)} chunks of 1/{stages} of the model")
     print(f"\nwrote {png} and {trace} (open the trace in chrome://tracing or ui.perfetto.dev)")
     return 0
+
+
+def _training_run(args: argparse.Namespace, out: Path) -> int:
+    from dualpipe_plugin.demo.report import bubble_table, format_table, write_run_files
+    from dualpipe_plugin.demo.train import DemoConfig, train_rank
+    from dualpipe_plugin.launch import run_local
+
+    config = DemoConfig(schedule=args.schedule, ranks=args.ranks, ep=args.ep, microbatches=args.microbatches,
+                        steps=args.steps, overlap=args.overlap)
+    schedule = build_schedule(config.schedule, config.ranks, config.microbatches)  # bad sizes fail here
+    config.moe().local_experts(config.ep)
+    if config.blocks < schedule.placement.num_stages:
+        raise ValueError(f"the demo model has {config.blocks} blocks, fewer than the {schedule.placement.num_stages} "
+                         f"stages of {schedule.name} on {config.ranks} ranks; use fewer ranks")
+    print(f"training the reference MoE transformer ({config.blocks} blocks, {config.experts} experts, top-{config.top_k}) "
+          f"with {schedule.name} on {config.ranks} pipeline ranks x {config.ep} expert-parallel = {config.world} "
+          f"CPU processes, {config.microbatches} micro-batches per step, overlap {'on' if config.overlap else 'off'}")
+    results = run_local(train_rank, config.world, (config,), timeout_s=900)
+    pipeline = sorted((r for r in results if r["replica"] == 0), key=lambda r: r["pipeline_rank"])
+    losses = results[0]["losses"]
+    files = write_run_files(out, schedule, [r["timeline"] for r in pipeline], losses)
+    step_ms = sorted(results[0]["step_ms"][1:])
+    print(f"\nloss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} steps; "
+          f"median step {step_ms[len(step_ms) // 2]:.0f} ms")
+    print("\nlast step, per rank (simulated from the measured op times):")
+    print(format_table(bubble_table(schedule, [r["timeline"] for r in pipeline], [r["peak"] for r in pipeline])))
+    print("  (real math: when there are more ranks than cores they take turns, which the measured bubble shows;\n"
+          "   `dualpipe-plugin bench` times schedules on the emulated device instead)")
+    print(f"\nwrote {files['timeline']}, {files['trace']} and {files['loss_curve']}")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    out = Path(args.runs_dir) / time.strftime("%Y%m%d-%H%M%S")
+    return _simulated_view(args, out) if args.simulate else _training_run(args, out)

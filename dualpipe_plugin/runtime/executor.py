@@ -173,6 +173,7 @@ class PipelineExecutor:
         self._forward_only = False
         self._return_outputs = False
         self._loss_divisor = 1.0
+        self._pair_counted = False
 
     # -- set-up ----------------------------------------------------------------------------------
     def _check_devices(self) -> None:
@@ -289,7 +290,14 @@ class PipelineExecutor:
                 return
             with self._grad_scope(action):
                 if self.overlap is not None and self.overlap.supports(action.forward.chunk, action.backward.chunk):
-                    self.overlap.run_pair(self, action)
+                    # Count the forward's activations from the start of the pair, as the simulator does: in
+                    # an interleaved pair they build up while the backward's are still held.
+                    self._count(+1)
+                    self._pair_counted = True
+                    try:
+                        self.overlap.run_pair(self, action)
+                    finally:
+                        self._pair_counted = False
                 else:
                     self._run_forward(action.forward)
                     self._run_backward(action.backward)
@@ -341,7 +349,8 @@ class PipelineExecutor:
         if self._forward_only:
             return
         self._stash[op.key] = _Stash(inputs, roots)
-        self._count(+1)
+        if not self._pair_counted:
+            self._count(+1)
 
     def launch_queued(self) -> None:
         """Launch the transfers queued so far now (the executor otherwise launches them after each action);

@@ -8,7 +8,7 @@ Parameters are matched by position within the stage, so both ranks must build th
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, Collection
 
 import torch
 
@@ -33,12 +33,27 @@ def mirrored_params(executor: "PipelineExecutor") -> tuple[int, list[torch.nn.Pa
     return peers.pop(), params
 
 
-def sync_mirrored_grads(executor: "PipelineExecutor") -> None:
-    """Sum each stage's gradients with its mirror copy on rank P-1-r (both end with the same sum)."""
+def sync_mirrored_grads(
+    executor: "PipelineExecutor",
+    *,
+    grad_of: Callable[[torch.nn.Parameter], torch.Tensor] | None = None,
+    skip: Collection[int] = (),
+) -> None:
+    """Sum each stage's gradients with its mirror copy on rank P-1-r (both end with the same sum).
+
+    ``grad_of(param)`` names the tensor to sum in place instead of ``param.grad`` (for an adapter whose
+    optimizer accumulates gradients elsewhere, e.g. DeepSpeed's bf16 optimizer and its fp32 buffers).
+    ``skip`` holds ``id(param)`` of parameters reduced another way (tied weights); both ranks of a pair
+    must skip the same positions of their stages.
+    """
     peer, params = mirrored_params(executor)
+    params = [p for p in params if id(p) not in skip]
     if peer == executor.rank or not params:
         return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    if grad_of is not None:
+        grads = [grad_of(p) for p in params]
+    else:
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     by_dtype: dict[torch.dtype, list[int]] = {}
     for index, grad in enumerate(grads):
         by_dtype.setdefault(grad.dtype, []).append(index)
@@ -56,8 +71,10 @@ def sync_mirrored_grads(executor: "PipelineExecutor") -> None:
         offset = 0
         for i in indices:
             n = params[i].numel()
-            value = summed[offset : offset + n].view_as(params[i])
-            if params[i].grad is None:
+            value = summed[offset : offset + n].view_as(grads[i])
+            if grad_of is not None:
+                grads[i].copy_(value)
+            elif params[i].grad is None:
                 params[i].grad = value.clone()
             else:
                 params[i].grad.copy_(value)

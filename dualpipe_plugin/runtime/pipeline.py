@@ -96,7 +96,9 @@ class _TensorHooks:
 class DualPipeline:
     """A pipeline rank running ``schedule`` on ``chunks`` over ``transport`` (default: the WORLD group).
 
-    Options: ``overlap`` (F&B pairs through the overlap engine when the chunks support it),
+    Options: ``overlap`` (None: F&B pairs go through the overlap engine whenever the chunks implement the
+    protocol of :mod:`~dualpipe_plugin.runtime.staged`; True: the same, with a warning if they do not;
+    False: always sequential),
     ``split_weights`` (the B/W split), ``timeout_s`` (every communication wait), ``shapes_per_microbatch``.
     """
 
@@ -107,7 +109,7 @@ class DualPipeline:
         *,
         loss_fn: Callable[..., torch.Tensor] | None = None,
         transport: Transport | None = None,
-        overlap: bool = True,
+        overlap: bool | None = None,
         split_weights: bool = True,
         timeout_s: float = 300.0,
         shapes_per_microbatch: bool = False,
@@ -122,10 +124,11 @@ class DualPipeline:
         self.chunks = list(chunks)
         self.loss_fn = loss_fn
         engine = None
-        if overlap:
+        if overlap is not False:
             from dualpipe_plugin.runtime.overlap import overlap_engine_for
 
-            engine = overlap_engine_for(self.chunks)
+            # None (the default): overlap whenever the chunks support it, silently; True: warn if they don't.
+            engine = overlap_engine_for(self.chunks, warn=overlap is True)
         self.executor = PipelineExecutor(
             schedule, self.chunks, transport, timeout_s=timeout_s, split_weights=split_weights,
             shapes_per_microbatch=shapes_per_microbatch, overlap=engine,
