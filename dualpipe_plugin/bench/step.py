@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 
+from dualpipe_plugin.bench.machine import machine_facts
 from dualpipe_plugin.launch import run_local
 from dualpipe_plugin.runtime.emulate import emulated_chunk
 from dualpipe_plugin.runtime.pipeline import DualPipeline
@@ -77,6 +78,7 @@ def run_step_bench(config: StepBenchConfig) -> dict:
     ]
     measured = statistics.median(steps_ms)
     return {
+        "machine": machine_facts(),
         "benchmark": "step",
         "config": asdict(config),
         "measured_ms": round(measured, 2),
