@@ -36,7 +36,8 @@ The reference runs with one intra-op thread, like the spawned ranks, so matmul r
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+import sys
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, Callable, Iterator, Sequence
 
@@ -49,6 +50,7 @@ __all__ = [
     "RankResult",
     "RunResult",
     "DenseTanh",
+    "StagedDenseTanh",
     "TiedProjection",
     "tied_output_fn",
     "mse_loss",
@@ -60,10 +62,12 @@ __all__ = [
     "data_iter",
     "skip_shm_comm_build",
     "run_deepspeed_rank",
+    "run_deepspeed_cases",
     "initialize_pipeline_engine",
     "merge_rank_params",
     "reference_run",
     "params_max_diff",
+    "run_checkpoint_rank",
 ]
 
 TIED_KEY = "proj"
@@ -90,6 +94,19 @@ class DenseTanh(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.tanh(self.linear(x))
+
+
+class StagedDenseTanh(DenseTanh):
+    """A DenseTanh that also speaks the overlap protocol (``sub_stages``): one compute sub-stage, its forward.
+
+    With these layers a chunk can be a StagedChunk, so ``"overlap": true`` runs F&B pairs through the
+    overlap engine (nothing to hide here; the point is that the path gives the same numbers).
+    """
+
+    def sub_stages(self):
+        from dualpipe_plugin.runtime.staged import ComputeStage
+
+        return [ComputeStage("dense", self.forward)]
 
 
 class TiedProjection(nn.Module):
@@ -136,6 +153,8 @@ class Case:
     lr: float = 0.05
     zero_stage: int = 0
     bf16: bool = False
+    bf16_fp32_accumulation: bool = False
+    """``"data_types": {"grad_accum_dtype": "fp32"}``: with ZeRO-1, DeepSpeed's BF16_Optimizer (fp32 gradients)."""
     gradient_clipping: float = 0.0
     activation_checkpoint_interval: int = 0
     seed: int = 0
@@ -145,6 +164,11 @@ class Case:
     """Extra keys for the JSON config's ``"pipeline"`` dict (DeepSpeed copies it verbatim)."""
     keep_shm_comm: bool = False
     """Let DeepSpeed JIT-build its shared-memory comm op (~20 s once per machine); see skip_shm_comm_build."""
+    staged: bool = False
+    """Build the dense layers as StagedDenseTanh (the overlap protocol)."""
+    plugin: bool = False
+    """``import dualpipe_plugin.deepspeed`` in the rank before building the model (our engine; the schedule
+    comes from ``pipeline={"schedule": ...}``)."""
 
     @property
     def world_size(self) -> int:
@@ -163,6 +187,8 @@ class RankResult:
     eval_loss: float | None = None
     extras: dict = field(default_factory=dict)
     """A copy of ``engine.harness_extras`` if the engine has one (engines under test report through it)."""
+    engine: str = ""
+    """The engine's class name and, for ours, its schedule (``"DualPipeEngine:dualpipev"``)."""
 
 
 @dataclass(frozen=True)
@@ -176,7 +202,8 @@ def layer_specs(case: Case) -> list:
     """The DeepSpeed layer specs: ``num_layers`` DenseTanh, optionally between a tied projection pair."""
     from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
-    dense = [LayerSpec(DenseTanh, case.width, seed=case.seed * 1000 + i + 1) for i in range(case.num_layers)]
+    layer = StagedDenseTanh if case.staged else DenseTanh
+    dense = [LayerSpec(layer, case.width, seed=case.seed * 1000 + i + 1) for i in range(case.num_layers)]
     if not case.tied:
         return dense
     tied_seed = case.seed * 1000
@@ -243,6 +270,8 @@ def ds_config(case: Case) -> dict[str, Any]:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if case.bf16_fp32_accumulation:
+        config["data_types"] = {"grad_accum_dtype": "fp32"}
     if case.zero_stage > 0:
         config["zero_allow_untested_optimizer"] = True  # ZeRO lists torch SGD as "untested"
     if case.pipeline:
@@ -301,13 +330,39 @@ def run_deepspeed_rank(rank: int, world_size: int, case: Case, engine_factory: C
     ``engine_factory(model, config) -> engine`` replaces ``deepspeed.initialize`` (to test another engine
     on the same model/config/data); it must be a module-level function so the case stays picklable.
     """
-    if world_size != case.world_size:
-        raise ValueError(f"case needs {case.world_size} ranks (num_stages x dp), got {world_size}")
-    if not case.keep_shm_comm:
+    return run_deepspeed_cases(rank, world_size, [case], engine_factory)[0]
+
+
+def run_deepspeed_cases(rank: int, world_size: int, cases: Sequence[Case],
+                        engine_factory: Callable | None = None) -> list[RankResult]:
+    """:func:`run_deepspeed_rank` for several cases one after the other in the same processes (one spawn).
+
+    A case with ``plugin`` runs with ``dualpipe_plugin.deepspeed`` registered, one without it with
+    DeepSpeed's own ``PipelineEngine`` (the plugin is unregistered for it).
+    """
+    for case in cases:
+        if world_size != case.world_size:
+            raise ValueError(f"case needs {case.world_size} ranks (num_stages x dp), got {world_size}")
+    if not all(case.keep_shm_comm for case in cases):
         skip_shm_comm_build()
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="gloo")
+    results = []
+    for case in cases:
+        if case.plugin:
+            import dualpipe_plugin.deepspeed as plugin  # registers DualPipeEngine with deepspeed.initialize
+
+            plugin.register()
+        elif "dualpipe_plugin.deepspeed" in sys.modules:
+            sys.modules["dualpipe_plugin.deepspeed"].unregister()
+        results.append(_run_case(rank, case, engine_factory))
+    return results
+
+
+def _run_case(rank: int, case: Case, engine_factory: Callable | None) -> RankResult:
+    import deepspeed
+
     model = build_pipeline_module(case)
     config = ds_config(case)
     if engine_factory is None:
@@ -327,7 +382,12 @@ def run_deepspeed_rank(rank: int, world_size: int, case: Case, engine_factory: C
     if case.eval_after:
         eval_loss = float(engine.eval_batch(data_iter(case, case.steps, dp_id, split="eval")).item())
     extras = dict(getattr(engine, "harness_extras", {}))
-    return RankResult(rank, stage_id, dp_id, losses, _param_snapshot(engine.module), eval_loss, extras)
+    name = type(engine).__name__
+    if hasattr(engine, "pipeline_schedule"):
+        name += f":{engine.pipeline_schedule}"
+        if engine.pipeline_executor is not None and engine.pipeline_executor.overlap is not None:
+            name += "+overlap"
+    return RankResult(rank, stage_id, dp_id, losses, _param_snapshot(engine.module), eval_loss, extras, name)
 
 
 def initialize_pipeline_engine(engine_cls: type, model, config: dict[str, Any]):
@@ -470,12 +530,12 @@ def _clip_global_(model: _ReferenceModel, grads: dict[int, torch.Tensor], max_no
         grad.mul_(coef)
 
 
-def reference_run(case: Case) -> RunResult:
+def reference_run(case: Case, *, global_clip: bool = False) -> RunResult:
     """Train ``case`` unpipelined in this process with DeepSpeed's arithmetic (see the module note).
 
     fp32 SGD/Adam with ZeRO 0/1 and dp <= 2 reproduces DeepSpeed bit for bit; with clipping under ZeRO-1
     or bf16 the norm differs in rounding (see the tests for tolerances); bf16 is not modelled (the
-    reference stays fp32).
+    reference stays fp32). ``global_clip`` clips fp32 ZeRO-0 with the global norm too (our engines' rule).
     """
     if case.dp > 2:
         raise ValueError(f"the reference sums replicas in one fixed order; dp={case.dp} > 2 is not bit-exact")
@@ -513,7 +573,7 @@ def reference_run(case: Case) -> RunResult:
                 for grad in summed.values():
                     grad.mul_(1.0 / case.dp)
             if case.gradient_clipping > 0:
-                if case.zero_stage == 0 and not case.bf16:
+                if case.zero_stage == 0 and not case.bf16 and not global_clip:
                     _clip_stage0_(model, summed, case.gradient_clipping)
                 else:
                     _clip_global_(model, summed, case.gradient_clipping)
@@ -536,3 +596,179 @@ def reference_run(case: Case) -> RunResult:
         final = {name: p.detach().clone() for name, p in model.named_params().items()}
     return RunResult(losses, final, eval_loss)
 
+
+
+# --- checkpoints -----------------------------------------------------------------------------------------
+
+
+def _build_engine(case: Case, *, stock: bool = False):
+    """``deepspeed.initialize`` on ``case`` (or, with ``stock``, DeepSpeed's own PipelineEngine on it)."""
+    import deepspeed
+    from deepspeed.runtime.pipe.engine import PipelineEngine
+
+    model = build_pipeline_module(case)
+    if stock:
+        return initialize_pipeline_engine(PipelineEngine, model, ds_config(replace(case, pipeline={})))
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config(case)
+    )
+    return engine
+
+
+def run_checkpoint_rank(rank: int, world_size: int, case: Case, directory: str, phase: str) -> dict:
+    """Checkpoint round trips inside a spawned rank; ``phase`` is ``"save"`` or then ``"resume"``.
+
+    save:   train 2 steps, ``save_checkpoint(tag="ours")``, train 1 more (the uninterrupted run); then load
+            the module files into DeepSpeed's own engine (TrainSchedule placement) and save them as
+            ``tag="stock"`` from there.
+    resume: a fresh engine (new processes) loads ``"stock"`` module-only (DeepSpeed's files into our
+            placement), then ``"ours"`` in full, and trains the third step again.
+    Returns losses and parameter snapshots by global name (this rank's).
+    """
+    if not case.keep_shm_comm:
+        skip_shm_comm_build()
+    import deepspeed
+
+    if case.plugin:
+        import dualpipe_plugin.deepspeed  # noqa: F401
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    engine = _build_engine(case)
+    dp_id = engine.grid.get_data_parallel_id()
+    out: dict[str, Any] = {"rank": rank, "dp_id": dp_id}
+    if phase == "save":
+        out["losses"] = [float(engine.train_batch(data_iter(case, step, dp_id)).item()) for step in range(2)]
+        out["saved"] = _param_snapshot(engine.module)
+        engine.save_checkpoint(directory, tag="ours")
+        out["losses"].append(float(engine.train_batch(data_iter(case, 2, dp_id)).item()))
+        out["final"] = _param_snapshot(engine.module)
+        stock = _build_engine(case, stock=True)
+        stock.load_checkpoint(directory, tag="ours", load_module_only=True, load_optimizer_states=False,
+                              load_lr_scheduler_states=False)
+        out["stock_loaded"] = _param_snapshot(stock.module)
+        stock.save_checkpoint(directory, tag="stock")
+    elif phase == "resume":
+        engine.load_checkpoint(directory, tag="stock", load_module_only=True, load_optimizer_states=False,
+                               load_lr_scheduler_states=False)
+        out["from_stock"] = _param_snapshot(engine.module)
+        engine.load_checkpoint(directory, tag="ours")
+        out["loaded"] = _param_snapshot(engine.module)
+        out["losses"] = [float(engine.train_batch(data_iter(case, 2, dp_id)).item())]
+        out["final"] = _param_snapshot(engine.module)
+        out["global_steps"] = engine.global_steps
+    else:
+        raise ValueError(f"phase must be 'save' or 'resume', got {phase!r}")
+    return out
+
+
+# --- bad input and the shipped configs -------------------------------------------------------------------
+
+
+def _initialize_error(build: Callable[[], Any]) -> tuple[str, str, bool] | None:
+    """``(error type, message)`` of what ``build()`` raised, or None if it built an engine."""
+    try:
+        build()
+    except Exception as error:  # noqa: BLE001 - the test inspects the type
+        return type(error).__name__, str(error), isinstance(error, ValueError)
+    return None
+
+
+def run_bad_input_rank(rank: int, world_size: int) -> dict[str, tuple | None]:
+    """Each bad configuration through ``deepspeed.initialize`` on 2 ranks; returns name -> (type, message, is ValueError).
+
+    Also ``eval_batch`` with too few micro-batches on a good engine: it must fail before touching the data
+    iterators (the engine's training iterator is checked afterwards: ``"eval_kept_iterator"``).
+    """
+    skip_shm_comm_build()
+    import deepspeed
+    import dualpipe_plugin.deepspeed  # noqa: F401
+    from deepspeed.pipe import PipelineModule
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+    from dualpipe_plugin.deepspeed import DualPipeEngine
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    base = Case(num_stages=2, plugin=True, pipeline={"schedule": "dualpipev"})
+
+    def init(case: Case, model=None, **kwargs):
+        model = build_pipeline_module(case) if model is None else model
+        kwargs.setdefault("model_parameters", [p for p in model.parameters() if p.requires_grad])
+        return deepspeed.initialize(model=model, config=ds_config(case), **kwargs)
+
+    def with_schedule(schedule: str, **changes) -> Case:
+        return replace(base, pipeline={"schedule": schedule}, **changes)
+
+    errors: dict[str, Any] = {}
+    errors["unknown_schedule"] = _initialize_error(lambda: init(with_schedule("dualpipe-x")))
+    errors["dualpipe_odd_stages"] = _initialize_error(lambda: init(with_schedule("dualpipe", num_stages=1, dp=2)))
+    errors["too_few_microbatches"] = _initialize_error(lambda: init(with_schedule("dualpipev", micro_batches=3)))
+    errors["dualpipe_odd_microbatches"] = _initialize_error(lambda: init(with_schedule("dualpipe", micro_batches=5)))
+    errors["zero2"] = _initialize_error(lambda: init(with_schedule("dualpipev", zero_stage=2)))
+    errors["dynamic_shape"] = _initialize_error(
+        lambda: init(base, model=build_pipeline_module(base, dynamic_shape=True)))
+    errors["bad_overlap_value"] = _initialize_error(
+        lambda: init(replace(base, pipeline={"schedule": "dualpipev", "overlap": "yes"})))
+
+    def tensor_parallel():
+        topology = PipeModelDataParallelTopology(num_pp=1, num_mp=2, num_dp=1)
+        model = PipelineModule(layers=layer_specs(base), topology=topology, loss_fn=mse_loss,
+                               partition_method="uniform")
+        return init(with_schedule("dualpipev", num_stages=1, micro_batches=2), model=model)
+
+    errors["tensor_parallel_partitioned"] = _initialize_error(tensor_parallel)
+
+    def param_groups():
+        model = build_pipeline_module(base)
+        return init(base, model=model, model_parameters=[{"params": list(model.parameters()), "lr": 0.1}])
+
+    errors["param_groups"] = _initialize_error(param_groups)
+
+    def client_optimizer():
+        model = build_pipeline_module(base)
+        return init(base, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+
+    errors["client_optimizer"] = _initialize_error(client_optimizer)
+    errors["has_bool_tensors"] = _initialize_error(
+        lambda: initialize_pipeline_engine(partial(DualPipeEngine, True), build_pipeline_module(base), ds_config(base)))
+
+    engine, _, _, _ = init(base)
+    train_iterator = data_iter(base, 0, 0)
+    engine.set_dataiterator(train_iterator)
+    errors["eval_too_few_microbatches"] = _initialize_error(
+        lambda: engine.eval_batch(data_iter(base, 0, 0, split="eval"), num_micro_batches=2))
+    errors["eval_kept_iterator"] = engine.data_iterator is train_iterator if engine.is_first_stage() else True
+    return errors
+
+
+def run_config_file_rank(rank: int, world_size: int, paths: Sequence[str]) -> dict[str, dict]:
+    """One ``train_batch`` of a tiny model per shipped JSON config (2 pipeline ranks).
+
+    The configs name ``"AdamW"`` (FusedAdam on GPU); here ``torch_adam`` keeps DeepSpeed from JIT-building
+    its CPU Adam. Everything else is used as shipped.
+    """
+    import json
+
+    skip_shm_comm_build()
+    import deepspeed
+    import dualpipe_plugin.deepspeed  # noqa: F401
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    out = {}
+    for path in paths:
+        with open(path) as handle:
+            config = json.load(handle)
+        config["optimizer"]["params"]["torch_adam"] = True
+        micro_batches = config["gradient_accumulation_steps"]
+        case = Case(num_stages=world_size, micro_batches=micro_batches,
+                    micro_batch_size=config["train_micro_batch_size_per_gpu"],
+                    bf16=config.get("bf16", {}).get("enabled", False))
+        model = build_pipeline_module(case)
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+        loss = engine.train_batch(data_iter(case, 0, 0))
+        out[path] = {
+            "loss": float(loss.item()),
+            "schedule": engine.pipeline_schedule,
+            "optimizer": type(engine.optimizer).__name__,
+            "params_finite": all(torch.isfinite(p).all().item() for p in engine.module.parameters()),
+        }
+    return out
