@@ -10,15 +10,18 @@ the patches go in once and come out when the last handle is released), and relea
 patched attribute to the object it held before. State *created* while the mode is on stays CPU state
 (models, grad buffers, the RNG tracker's saved states, ``parallel_state``'s global memory buffer).
 
-Scope: the code paths below were run on gloo with 1–4 processes (``tests/megatron/test_cpu_mode.py``;
+Scope: the code paths below were run on gloo with 1–4 processes (``tests/megatron/test_cpu_mode.py``,
+and the plugin's own schedules, bf16 with the distributed optimizer and checkpointing in
+``tests/megatron/test_schedule_fn.py`` / ``test_pretrain_gpt.py``;
 PP=2 × EP=2 and ``overlap_grad_reduce`` by hand with the same harness):
 a GPTModel from ``get_gpt_layer_local_spec`` (no Transformer Engine, no apex), fp32, TP=1;
 ``get_forward_backward_func()`` at PP=1, PP=2 and PP=4 (1F1B) and PP=2 × VP=2 (interleaved);
 ``megatron.core.distributed.DistributedDataParallel`` with and without ``overlap_grad_reduce`` and the
 distributed optimizer; ``finalize_model_grads``; ``get_megatron_optimizer`` (Adam, grad clipping);
 MoE layers with the alltoall token dispatcher (SequentialMLP experts, aux loss) at EP=2, alone and with
-PP=2. Other paths (TP>1 with sequence parallel, fp16/bf16 optimizers, grouped GEMM, the flex dispatcher,
-checkpointing, CUDA graphs, ``overlap_moe_expert_parallel_comm``) may need more shims.
+PP=2; the bf16 optimizer (Float16Module + distributed optimizer) and distributed checkpointing at PP=2.
+Other paths (TP>1 with sequence parallel, fp16 loss scaling, grouped GEMM, the flex dispatcher, CUDA
+graphs, ``overlap_moe_expert_parallel_comm``) may need more shims.
 
 Patches (each at the narrowest binding that calls CUDA; "proxy" means the module's global ``torch`` is
 replaced by a stand-in that forwards everything to torch except: factories with a CUDA ``device=``
@@ -75,6 +78,14 @@ Optimizer
      tensor answering ``torch.cuda.FloatTensor`` etc. (during the call only); both compare type names
      against ``'torch.cuda.FloatTensor'`` and assert/raise otherwise.
  16. ``optimizer.clip_grads``: proxy. The norm and overflow buffers use ``device="cuda"``.
+Distributed checkpointing (``dist_checkpointing.save``/``load`` with the default torch_dist strategy;
+added for ``launch/pretrain_gpt.py --save/--load``, run in ``tests/megatron/test_pretrain_gpt.py``)
+ 17. ``dist_checkpointing.strategies.filesystem_async``: proxy. ``preload_tensors`` calls
+     ``torch.cuda.synchronize()`` before writing.
+ 18. ``dist_checkpointing.strategies.async_utils``: proxy. ``synchronize()`` and status flags made on
+     ``torch.cuda.current_device()`` in the (synchronous) save request.
+ 19. ``dist_checkpointing.strategies.state_dict_saver``: proxy. The save-plan verification and failure
+     flags are ``torch.tensor(..., device="cuda")``.
 
 Not patched because not reached with Megatron's defaults: nvtx (``megatron.core.utils`` ranges are off
 unless ``configure_nvtx_profiling(True)``; the proxy of (4) covers them if turned on). Streams in DDP
@@ -345,6 +356,9 @@ _PROXIED_MODULES = (
     ("megatron.core.transformer.moe.router", "gating moves the weight to current_device()"),
     ("megatron.core.optimizer.optimizer", "_scale/found_inf/dummy buffers device='cuda'"),
     ("megatron.core.optimizer.clip_grads", "norm/overflow buffers device='cuda'"),
+    ("megatron.core.dist_checkpointing.strategies.filesystem_async", "torch.cuda.synchronize() before writing"),
+    ("megatron.core.dist_checkpointing.strategies.async_utils", "synchronize(); flags on current_device()"),
+    ("megatron.core.dist_checkpointing.strategies.state_dict_saver", "verify/failure flags device='cuda'"),
 )
 
 

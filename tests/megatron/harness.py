@@ -51,6 +51,7 @@ __all__ = [
     "destroy_parallel",
     "transformer_config",
     "build_model",
+    "gpt_provider",
     "global_param_names",
     "make_batches",
     "data_iterator",
@@ -119,6 +120,14 @@ class RunSpec:
     """Megatron's default gradient clipping (global L2 norm)."""
     config_overrides: tuple[tuple[str, Any], ...] = ()
     """Extra ``TransformerConfig`` fields, e.g. ``(("overlap_p2p_comm", True),)``."""
+    schedule: str | None = None
+    """``None``: Megatron's own ``get_forward_backward_func()``. Otherwise a dualpipe_plugin schedule
+    (``dualpipev``, ``dualpipe``, ``1f1b``, ``zb1p``): the config is configured for it, the model built by
+    ``build_model_chunks`` and the step run by the plugin's ``get_forward_backward_func()``."""
+    shared_iterator: bool = False
+    """Pass one data iterator for all chunks of a rank instead of one per chunk."""
+    forward_only: bool = False
+    """Evaluate (``forward_only=True``): losses only, no gradients."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,12 +297,45 @@ def _deterministic_init(chunk, seed: int) -> None:
             param.copy_(value.to(param.dtype))
 
 
-def build_model(tiny: TinyGPT, parallel: Parallel, config) -> list:
-    """One ``GPTModel`` per virtual stage on this rank, ``pre_process``/``post_process`` per chunk."""
+def gpt_provider(tiny: TinyGPT, config):
+    """Megatron-LM's ``model_provider(pre_process, post_process, vp_stage)`` for ``tiny``."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    spec = get_gpt_layer_local_spec(num_experts=tiny.num_moe_experts, moe_grouped_gemm=False)
+
+    def provider(pre_process: bool, post_process: bool, vp_stage: int | None = None):
+        chunk = GPTModel(
+            config=config,
+            transformer_layer_spec=spec,
+            vocab_size=tiny.vocab_size,
+            max_sequence_length=tiny.seq_length,
+            pre_process=pre_process,
+            post_process=post_process,
+            share_embeddings_and_output_weights=tiny.share_embeddings,
+            vp_stage=vp_stage,
+        )
+        _deterministic_init(chunk, tiny.seed)
+        return chunk
+
+    return provider
+
+
+def build_model(tiny: TinyGPT, parallel: Parallel, config, schedule: str | None = None) -> list:
+    """One ``GPTModel`` per virtual stage on this rank, ``pre_process``/``post_process`` per chunk.
+
+    With a dualpipe_plugin ``schedule`` the config is configured for it and the chunks come from
+    ``build_model_chunks`` (the plugin's placement); otherwise Megatron's placement is used.
+    """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
+    if schedule is not None:
+        from dualpipe_plugin.megatron import build_model_chunks, configure_model_config
+
+        configure_model_config(config, schedule)
+        return build_model_chunks(gpt_provider(tiny, config), config)
     spec = get_gpt_layer_local_spec(num_experts=tiny.num_moe_experts, moe_grouped_gemm=False)
     chunks = []
     for vp_stage in range(parallel.vp or 1):
@@ -390,7 +432,7 @@ def run_megatron(rank: int, world_size: int, spec: RunSpec) -> RankResult:
         init_parallel(par, tiny.seed, gloo_groups=spec.optimizer)
         try:
             config = transformer_config(tiny, par, **dict(spec.config_overrides))
-            chunks = build_model(tiny, par, config)
+            chunks = build_model(tiny, par, config, spec.schedule)
             ddp_config = DistributedDataParallelConfig(
                 grad_reduce_in_fp32=False,
                 overlap_grad_reduce=spec.overlap_grad_reduce,
@@ -425,7 +467,12 @@ def run_megatron(rank: int, world_size: int, spec: RunSpec) -> RankResult:
             dp_rank = parallel_state.get_data_parallel_rank()
             is_last = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
             names = [global_param_names(m) for m in model]
-            forward_backward = get_forward_backward_func()
+            if spec.schedule is None:
+                forward_backward = get_forward_backward_func()
+            else:
+                from dualpipe_plugin.megatron import get_forward_backward_func as plugin_forward_backward
+
+                forward_backward = plugin_forward_backward()  # dispatches on config.pipeline_schedule
 
             losses, mb_losses, grads = [], [], []
             for it in range(spec.iterations):
@@ -438,16 +485,17 @@ def run_megatron(rank: int, world_size: int, spec: RunSpec) -> RankResult:
                 iterators = [data_iterator(batches) for _ in model]
                 store = forward_backward(
                     forward_step_func=forward_step,
-                    data_iterator=iterators if len(model) > 1 else iterators[0],
+                    data_iterator=iterators if len(model) > 1 and not spec.shared_iterator else iterators[0],
                     model=model if len(model) > 1 else model[0],
                     num_microbatches=spec.num_microbatches,
                     seq_length=tiny.seq_length,
                     micro_batch_size=tiny.micro_batch_size,
-                    forward_only=False,
+                    forward_only=spec.forward_only,
                 )
                 # With the distributed optimizer each DP rank holds only its reduce-scattered shard
                 # of the gradient buffer; the rest is this rank's unreduced local sum. Not comparable.
-                grads.append({} if spec.distributed_optimizer else _collect_grads(model, names))
+                no_grads = spec.distributed_optimizer or spec.forward_only
+                grads.append({} if no_grads else _collect_grads(model, names))
                 if is_last:
                     reports = torch.stack([d["lm loss"] for d in store]).sum(dim=0)
                     torch.distributed.all_reduce(
@@ -487,7 +535,11 @@ def _collect_grads(model, names) -> dict[str, np.ndarray]:
                 grad = param.grad
             if grad is None:
                 continue
-            out[chunk_names[local]] = grad.detach().clone().numpy()
+            value = grad.detach().clone().numpy()
+            name = chunk_names[local]
+            # Two chunks of one rank can hold copies of one parameter (a V's tied embedding on rank 0).
+            assert name not in out or np.array_equal(out[name], value), f"local copies of {name} differ"
+            out[name] = value
     return out
 
 
