@@ -40,3 +40,11 @@ def test_demo_bad_sizes(tmp_path, capsys, argv, message):
     assert main(["demo", "--runs-dir", str(tmp_path), *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("engine, marker", [("deepspeed", "train_deepspeed.py: done, final loss"),
+                                            ("megatron", "schedule dualpipev | lm loss")])
+def test_demo_through_a_framework(capfd, engine, marker):
+    pytest.importorskip(engine if engine == "deepspeed" else "megatron.core")
+    assert main(["demo", "--engine", engine, "--ranks", "2", "--microbatches", "4", "--steps", "2"]) == 0
+    assert marker in capfd.readouterr().out

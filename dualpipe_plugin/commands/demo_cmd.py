@@ -20,6 +20,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--microbatches", "-C", type=int, default=8)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--no-overlap", dest="overlap", action="store_false", help="run F&B pairs sequentially")
+    parser.add_argument(
+        "--engine", choices=["standalone", "deepspeed", "megatron"], default="standalone",
+        help="standalone: the reference MoE model on this package's runtime (with the report); deepspeed / "
+             "megatron: the repository's launch/ example for that framework, in CPU mode",
+    )
     parser.add_argument("--runs-dir", default="runs", help="where runs/<time>/ is created")
     parser.add_argument("--simulate", action="store_true", help="only show the simulated schedule (no training)")
     parser.add_argument("--cost", default="F=1,B=2,W=1,FB=3", help="costs for --simulate")
@@ -83,4 +88,11 @@ def _training_run(args: argparse.Namespace, out: Path) -> int:
 
 def run(args: argparse.Namespace) -> int:
     out = Path(args.runs_dir) / time.strftime("%Y%m%d-%H%M%S")
-    return _simulated_view(args, out) if args.simulate else _training_run(args, out)
+    if args.simulate:
+        return _simulated_view(args, out)
+    if args.engine != "standalone":
+        from dualpipe_plugin.demo.engines import run_engine_demo
+
+        build_schedule(args.schedule, args.ranks, args.microbatches)  # bad sizes fail here, with one line
+        return run_engine_demo(args.engine, args.schedule, args.ranks, args.microbatches, args.steps)
+    return _training_run(args, out)
