@@ -5,6 +5,7 @@ Standalone entry points are re-exported here; the framework adapters use :class:
 
 from dualpipe_plugin.runtime.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from dualpipe_plugin.runtime.errors import (
+    NonFiniteLossError,
     PipelineConfigError,
     PipelinePeerError,
     PipelineRuntimeError,
@@ -15,7 +16,7 @@ from dualpipe_plugin.runtime.pipeline import DualPipeline, StepResult, split_sta
 from dualpipe_plugin.runtime.transport import Channel, TorchTransport, Transport, new_pipeline_groups
 
 __all__ = [
-    "Channel", "CheckpointError", "DualPipeline", "PipelineConfigError", "PipelineExecutor", "PipelinePeerError",
+    "Channel", "CheckpointError", "NonFiniteLossError", "DualPipeline", "PipelineConfigError", "PipelineExecutor", "PipelinePeerError",
     "PipelineRuntimeError", "PipelineTimeoutError", "StageHooks", "StepOutcome", "StepResult", "TorchTransport",
     "Transport", "latest_checkpoint", "load_checkpoint", "new_pipeline_groups", "save_checkpoint", "split_stages",
     "stage_modules",

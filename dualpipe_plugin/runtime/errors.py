@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-__all__ = ["PipelineConfigError", "PipelineRuntimeError", "PipelineTimeoutError", "PipelinePeerError"]
+__all__ = [
+    "PipelineConfigError", "PipelineRuntimeError", "PipelineTimeoutError", "PipelinePeerError", "NonFiniteLossError",
+]
 
 
 class PipelineConfigError(ValueError):
@@ -19,3 +21,7 @@ class PipelineTimeoutError(PipelineRuntimeError, TimeoutError):
 
 class PipelinePeerError(PipelineRuntimeError):
     """A peer closed its connection: it crashed, was killed, or itself failed and gave up."""
+
+
+class NonFiniteLossError(PipelineRuntimeError, FloatingPointError):
+    """A micro-batch loss was NaN or infinite (raised on every rank, with ``detect_nonfinite=True``)."""

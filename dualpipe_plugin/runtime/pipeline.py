@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dualpipe_plugin.runtime.errors import PipelineConfigError
+from dualpipe_plugin.runtime.errors import NonFiniteLossError, PipelineConfigError
 from dualpipe_plugin.runtime.executor import PipelineExecutor, StepOutcome
 from dualpipe_plugin.runtime.transport import TorchTransport, Transport
 from dualpipe_plugin.schedules import Action, build_schedule
@@ -99,7 +99,9 @@ class DualPipeline:
     Options: ``overlap`` (None: F&B pairs go through the overlap engine whenever the chunks implement the
     protocol of :mod:`~dualpipe_plugin.runtime.staged`; True: the same, with a warning if they do not;
     False: always sequential),
-    ``split_weights`` (the B/W split), ``timeout_s`` (every communication wait), ``shapes_per_microbatch``.
+    ``split_weights`` (the B/W split), ``timeout_s`` (every communication wait), ``shapes_per_microbatch``,
+    ``detect_nonfinite`` (after every step, raise :class:`NonFiniteLossError` on every rank if any
+    micro-batch loss is NaN or infinite; costs one tiny all-reduce, which ``reduce_loss`` already does).
     """
 
     def __init__(
@@ -113,7 +115,9 @@ class DualPipeline:
         split_weights: bool = True,
         timeout_s: float = 300.0,
         shapes_per_microbatch: bool = False,
+        detect_nonfinite: bool = False,
     ):
+        self.detect_nonfinite = detect_nonfinite
         if transport is None:
             if not dist.is_initialized():
                 raise PipelineConfigError(
@@ -182,7 +186,7 @@ class DualPipeline:
             record=record, loss_divisor=divisor,
         )
         return StepResult(
-            loss=self._total_loss(outcome, divisor, reduce_loss),
+            loss=self._total_loss(outcome, divisor, reduce_loss or self.detect_nonfinite),
             losses=outcome.losses,
             outputs=outcome.outputs,
             peak_activations=outcome.peak_activations,
@@ -190,16 +194,26 @@ class DualPipeline:
         )
 
     def _total_loss(self, outcome: StepOutcome, divisor: float, reduce_loss: bool) -> torch.Tensor | None:
-        local = torch.zeros((), dtype=torch.float64)
+        bad_here = sorted(g for g, value in outcome.losses.items() if not torch.isfinite(value).all())
+        # [sum of losses, count of non-finite ones]: one all-reduce decides the same on every rank.
+        local = torch.zeros(2, dtype=torch.float64)
         for value in outcome.losses.values():
-            local += value.double().cpu()
+            local[0] += value.double().cpu()
+        local[1] = len(bad_here)
         if reduce_loss:
             total = local.to(self.executor.transport.device)
             self.executor.transport.all_reduce_sum(total)
             local = total.cpu()
         elif not outcome.losses:
             return None
-        return (local / divisor).float()
+        if self.detect_nonfinite and local[1] > 0:
+            raise NonFiniteLossError(
+                f"pipeline rank {self.rank}: {int(local[1])} micro-batch loss(es) of this step are NaN or infinite"
+                + (f" (on this rank: micro-batches {bad_here})" if bad_here else "")
+                + "; the step's gradients are not usable: zero them and skip the optimizer step, then lower the "
+                "learning rate or check the data"
+            )
+        return (local[0] / divisor).float()
 
     def close(self) -> None:
         self.executor.close()
