@@ -47,7 +47,7 @@ from dualpipe_plugin.runtime.transport import TorchTransport, new_pipeline_group
 from dualpipe_plugin.runtime.weight_grad import WeightGradStore, bind_weight_split
 from dualpipe_plugin.schedules import CostModel, build_schedule, simulate
 
-__all__ = ["OverlapBenchConfig", "run_overlap_bench", "run_from_args"]
+__all__ = ["EmulatedMoEBlock", "OverlapBenchConfig", "run_overlap_bench", "run_from_args"]
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ class OverlapBenchConfig:
     model: MoEConfig = MoEConfig(dim=32, heads=4, num_experts=8, top_k=2, ffn_dim=64, vocab_size=64)
 
 
-class _EmulatedBlock(nn.Module):
+class EmulatedMoEBlock(nn.Module):
     """An MoE block whose attn and experts sub-stages are each followed by an emulated layer."""
 
     def __init__(self, block: MoEBlock, costs: EmulatedCosts):
@@ -104,7 +104,7 @@ def _costs(config: OverlapBenchConfig) -> EmulatedCosts:
 
 def _wrap(config: OverlapBenchConfig):
     costs = _costs(config)
-    return lambda block: _EmulatedBlock(block, costs)
+    return lambda block: EmulatedMoEBlock(block, costs)
 
 
 # -- 1. the pair ---------------------------------------------------------------------------------------
