@@ -21,25 +21,9 @@
 #   PYTHON=...       the interpreter (default: python3 on PATH)
 set -euo pipefail
 
-PROG=$(basename "$0")
-die() { echo "$PROG: error: $*" >&2; exit 2; }
-
-[[ $# -ge 2 ]] || die "usage: $PROG NPROC SCRIPT [SCRIPT ARGS...]"
-NPROC=$1
-SCRIPT=$2
-shift 2
-[[ $NPROC =~ ^[1-9][0-9]*$ ]] || die "NPROC must be a positive integer, got '$NPROC'"
-[[ -f $SCRIPT ]] || die "training script '$SCRIPT' does not exist"
-PYTHON=${PYTHON:-python3}
-
-ARGS=("$@")
-if [[ ${DUALPIPE_CPU:-0} == 1 && " ${ARGS[*]} " != *" --cpu "* ]]; then
-    ARGS+=(--cpu)
-fi
-
-if grep -q -- "--preflight" "$SCRIPT"; then
-    "$PYTHON" "$SCRIPT" "${ARGS[@]}" --preflight "$NPROC" >/dev/null || exit 2
-fi
+# shellcheck source=launch/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+local_launch_args "$@"
 
 LAUNCHER_ARGS=(--num_gpus "$NPROC" --num_nodes 1 --master_port "${MASTER_PORT:-29500}")
 if [[ -n ${LOG_DIR:-} ]]; then
