@@ -29,10 +29,10 @@ with the costs the entry actually pays: see ``simulated_as``), and the peak of l
 
 Outputs (full mode): ``benchmarks/results/compare.json``, ``compare.md`` (the table), ``compare.png``
 (bar chart), ``scale.json`` + ``scale_bubble.png`` (:mod:`dualpipe_plugin.bench.scale`) and the README
-table between ``<!-- bench:begin -->`` and ``<!-- bench:end -->``. ``--quick`` (one round, fewer steps,
-the recorded all-to-all calibration when there is one; < 5 min) writes ``compare_quick.*`` and leaves the
-README alone. ``python -m dualpipe_plugin.bench.compare readme [results.json]`` regenerates the README
-table from a results file.
+table between ``<!-- bench:begin -->`` and ``<!-- bench:end -->``. ``--quick`` (one round, 1 warm-up and
+2 measured steps, the recorded all-to-all calibration when there is one; < 5 min) writes
+``compare_quick.*`` and leaves the README alone. ``python -m dualpipe_plugin.bench.compare readme
+[results.json]`` regenerates the README table from a results file.
 """
 
 from __future__ import annotations
@@ -43,11 +43,12 @@ import os
 import statistics
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from importlib import import_module
 from importlib.util import find_spec
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 __all__ = [
     "Entry",
@@ -425,7 +426,28 @@ def _progress(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
+@contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """Send file descriptor 1 to stderr while the benchmark runs: DeepSpeed and Megatron print to stdout
+    (in this process on import and in every spawned rank, which inherits the descriptor), and ``--json``
+    promises one JSON object there."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def run_compare(config: CompareConfig) -> dict:
+    with _stdout_to_stderr():
+        return _run_compare(config)
+
+
+def _run_compare(config: CompareConfig) -> dict:
     from dualpipe_plugin.bench.machine import machine_facts
 
     began = time.monotonic()
@@ -518,6 +540,8 @@ def _describe(workloads: dict) -> dict:
 
 
 def _calibration(config: CompareConfig, entries: Sequence[Entry]) -> dict | None:
+    from dualpipe_plugin.bench.machine import machine_facts
+
     if not any(e.cost_model == MOE for e in entries):
         return None
     if config.quick:
@@ -530,8 +554,6 @@ def _calibration(config: CompareConfig, entries: Sequence[Entry]) -> dict | None
             if previous and "wire_padding" in previous:
                 return previous | {"source": f"recorded in {recorded} on {previous.get('date', '?')}"}
     calibration = calibrate_all_to_all(config)
-    from dualpipe_plugin.bench.machine import machine_facts
-
     return calibration | {"date": machine_facts()["date"]}
 
 
@@ -681,9 +703,9 @@ def _repo_root() -> Path:
 
 
 def run_from_args(args: argparse.Namespace) -> dict:
-    """``bench compare``: ``--quick`` (one round, 2 measured steps, < 5 min), ``--steps`` (measured steps per
-    job, full mode), ``--ranks``/``--microbatches``, ``--emulate`` (per-layer costs); ``--out`` also writes
-    the JSON there."""
+    """``bench compare``: ``--quick`` (one round, 1 warm-up and 2 measured steps per job, < 5 min),
+    ``--steps`` (measured steps per job in full mode, which warms up with 2), ``--ranks``/``--microbatches``,
+    ``--emulate`` (per-layer costs); ``--out`` also writes the JSON there."""
     from dualpipe_plugin.schedules import CostModel, build_schedule
 
     costs = CostModel.parse(args.emulate)
@@ -691,7 +713,7 @@ def run_from_args(args: argparse.Namespace) -> dict:
         build_schedule(name, args.ranks, args.microbatches)  # bad input fails before spawning
     root = _repo_root()
     if args.quick:
-        config = CompareConfig(quick=True, rounds=1, steps=2, moe_steps=2, warmup=2, readme=None)
+        config = CompareConfig(quick=True, rounds=1, steps=2, moe_steps=2, warmup=1, readme=None)
     else:
         config = CompareConfig(steps=max(1, args.steps), moe_steps=max(1, min(args.steps, 3)))
     config = replace(config, ranks=args.ranks, microbatches=args.microbatches, forward_ms=costs.F,
