@@ -129,6 +129,9 @@ def entries_for(quick: bool) -> list[Entry]:
         Entry("ours:dualpipev+overlap@moe", "ours dualpipev + overlap", "ours", MOE, f"{_W}:run_ours_moe_rank",
               (("schedule", "dualpipev"), ("overlap", True)), ("dualpipev", "overlap")),
     ]
+    moe.append(Entry("ours:dualpipev+overlap@deepspeed@moe", "ours dualpipev + overlap via DeepSpeed", "ours", MOE,
+                     _D, (("engine", "ours"), ("schedule", "dualpipev"), ("overlap", True)), ("dualpipev", "overlap"),
+                     ("deepspeed", "dualpipe_plugin.deepspeed")))
     if not quick:
         moe.append(Entry("ours:dualpipev@moe", "ours dualpipev, overlap off", "ours", MOE, f"{_W}:run_ours_moe_rank",
                          (("schedule", "dualpipev"), ("overlap", False)), ("dualpipev", "split")))
@@ -386,6 +389,10 @@ def evaluate_goals(results: dict) -> list[dict]:
          _paired_to(by_key, overlap, "torch:ScheduleDualPipeV@moe"), 0.85)
     goal("moe: ours dualpipev + overlap / DeepSpeed DualPipeVEngine (paired)",
          _paired_to(by_key, overlap, "deepspeed:DualPipeVEngine@moe"), 0.85)
+    via_deepspeed = "ours:dualpipev+overlap@deepspeed@moe"
+    goal("moe: ours dualpipev + overlap via DeepSpeed / DeepSpeed TrainSchedule (paired)", ratio(via_deepspeed), 0.80)
+    goal("moe: ours dualpipev + overlap via DeepSpeed / DeepSpeed DualPipeVEngine (paired)",
+         _paired_to(by_key, via_deepspeed, "deepspeed:DualPipeVEngine@moe"), 0.85)
     for entry in results["entries"]:
         if entry["side"] == "ours" and entry["status"] == "ok":
             goal(f"{entry['cost_model']}: {entry['label']} measured / simulated", entry.get("measured_over_simulated"),

@@ -12,6 +12,9 @@ block (``type:StagedChunk``) on a pipe × data topology of P × EP processes who
 (the ranks at one stage) are the expert-parallel groups. DeepSpeed's data-parallel gradient all-reduce
 runs at the end of each step (a few KB; ours has no data-parallel reduction in the standalone runtime).
 DeepSpeed never splits W (its backward is one ``torch.autograd.backward``): every backward pays B.
+Ours through DeepSpeed takes ``"overlap"`` from the entry's options: our engine then builds each chunk as
+one StagedChunk of the stage's layers (the blocks' sub-stages flattened into it) and runs F&B pairs
+through the overlap engine, exactly as a user's config would.
 """
 
 from __future__ import annotations
@@ -94,7 +97,8 @@ def run_deepspeed_rank(rank: int, world_size: int, job: Job) -> RankReport:
         "wall_clock_breakdown": False,
     }
     if engine_kind == "ours":
-        ds_config["pipeline"] = {"schedule": job.option("schedule", "dualpipev"), "timeout_s": workload.timeout_s}
+        ds_config["pipeline"] = {"schedule": job.option("schedule", "dualpipev"), "overlap": job.option("overlap", False),
+                                 "timeout_s": workload.timeout_s}
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
     probe = ActivationProbe([engine.module])
     micro_batches = list(zip(x.split(micro_batch), y.split(micro_batch)))
@@ -104,4 +108,7 @@ def run_deepspeed_rank(rank: int, world_size: int, job: Job) -> RankReport:
 
     timing = timed_steps(step, workload, probe)
     name = type(engine).__name__ + (f":{engine.pipeline_schedule}" if hasattr(engine, "pipeline_schedule") else "")
+    executor = getattr(engine, "pipeline_executor", None)
+    if executor is not None and executor.overlap is not None:
+        name += "+overlap"  # the config asked for it and the layers allowed it
     return RankReport(timing, probe.peak, {"engine": name})

@@ -189,6 +189,11 @@ class StagedChunk(nn.Module):
         self.stages: tuple[SubStage, ...] = tuple(stages)
         self._claim: _Claim | None = None
 
+    def sub_stages(self) -> tuple[SubStage, ...]:
+        """Its sub-stages: a StagedChunk is itself a part, so chunks nest (a framework that builds the
+        pipeline chunk from its own layers, like DeepSpeed's PipelineModule, can be handed staged layers)."""
+        return self.stages
+
     @property
     def kinds(self) -> tuple[StageKind, ...]:
         return tuple(stage.kind for stage in self.stages)

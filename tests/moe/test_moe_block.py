@@ -52,6 +52,24 @@ def test_staged_model_matches_dense_math(repeat_token) -> None:
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
 
+def test_staged_chunks_nest_into_one_flat_chunk() -> None:
+    """A StagedChunk given as a part (DeepSpeed's PipelineModule handing us staged layers) contributes its
+    own sub-stages: the outer chunk is flat, and its numbers are bit-identical to the un-nested chunk's."""
+    tokens = torch.randint(0, 32, (3, 4), generator=torch.Generator().manual_seed(0))
+    flat_model, nested_model = moe_layers(CONFIG, 2, seed=0), moe_layers(CONFIG, 2, seed=0)
+    flat = StagedChunk(list(flat_model.layers))
+    embedding, first, second, head = nested_model.layers
+    nested = StagedChunk([embedding, StagedChunk([first]), StagedChunk([second, head])])
+    assert nested.kinds == flat.kinds
+    assert len(nested.stages) == len(flat.stages) == 1 + 2 * 4 + 1
+    flat(tokens).float().pow(2).mean().backward()
+    nested(tokens).float().pow(2).mean().backward()
+    for (name, p), q in zip(flat_model.named_parameters(), nested_model.parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            assert torch.equal(p.grad, q.grad), name
+
+
 def test_chunks_cut_embedding_blocks_and_head() -> None:
     model = moe_layers(CONFIG, 4, seed=0)
     first, last = moe_chunks(model, "dualpipev", 2, 0)  # stages 0 and 3
