@@ -27,6 +27,7 @@ the measured step is the runtime's (and the cold-code) share. Results go to
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -67,14 +68,12 @@ def _hop_latency(rank: int, world: int, messages: int, compute_s: float) -> list
 
 
 # -- 3. the hand-written 1F1B -------------------------------------------------------------------------------
-def _one_f_one_b_order(rank: int, world: int, microbatches: int) -> list[tuple[str, int]]:
-    warmup = min(world - 1 - rank, microbatches)
-    order = [("F", m) for m in range(warmup)]
-    forward, backward = warmup, 0
-    while forward < microbatches:
-        order += [("F", forward), ("B", backward)]
-        forward, backward = forward + 1, backward + 1
-    return order + [("B", m) for m in range(backward, microbatches)]
+def one_f_one_b_order(rank: int, world: int, microbatches: int) -> list[tuple[str, int]]:
+    """This rank's ("F" | "B", micro-batch) sequence: the registry's 1F1B (only the runtime is hand-written)."""
+    from dualpipe_plugin.schedules import OpKind, build_schedule
+
+    actions = build_schedule("1f1b", world, microbatches).actions[rank]
+    return [("F" if action.kind is OpKind.F else "B", action.microbatch) for action in actions]
 
 
 class _RawOneFOneB:
@@ -82,7 +81,7 @@ class _RawOneFOneB:
 
     def __init__(self, rank: int, world: int, chunk, microbatches: int):
         self.rank, self.world, self.chunk = rank, world, chunk
-        self.order = _one_f_one_b_order(rank, world, microbatches)
+        self.order = one_f_one_b_order(rank, world, microbatches)
 
     def _post(self, op, posted: dict) -> None:
         import torch
@@ -198,6 +197,7 @@ def main(argv=None) -> int:
     import torch
 
     from dualpipe_plugin.bench.machine import machine_facts
+    from dualpipe_plugin.bench.spans import step_times_ms
     from dualpipe_plugin.launch import run_local
     from dualpipe_plugin.schedules import CostModel, build_schedule, simulate
 
@@ -212,13 +212,9 @@ def main(argv=None) -> int:
     schedule = build_schedule("1f1b", args.ranks, args.microbatches)
     costs = CostModel(F=settings["F"], B=settings["B"], W=settings["W"])
     simulated = simulate(schedule, costs).makespan
-    simulated_with_hops = simulate(schedule, CostModel(F=costs.F, B=costs.B, W=costs.W, comm=hop_median)).makespan
+    simulated_with_hops = simulate(schedule, dataclasses.replace(costs, comm=hop_median)).makespan
 
-    def step_ms(name: str) -> list[float]:
-        return [(max(r["spans"][name][i][1] for r in reports) - min(r["spans"][name][i][0] for r in reports)) * 1e3
-                for i in range(args.rounds)]
-
-    raw, ours = step_ms("raw_1f1b"), step_ms("ours_1f1b")
+    raw, ours = (step_times_ms([r["spans"][name] for r in reports]) for name in ("raw_1f1b", "ours_1f1b"))
     result = {
         "benchmark": "transport_floor",
         "machine": facts,

@@ -50,6 +50,8 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from dualpipe_plugin.bench.spans import step_times_ms
+
 __all__ = [
     "Entry",
     "CompareConfig",
@@ -314,14 +316,6 @@ def _chunk_layers(entry: Entry, workload) -> float:
 
 
 # -- statistics ------------------------------------------------------------------------------------------------
-def step_times_ms(reports: Sequence[Any]) -> list[float]:
-    """Per measured step: max(end) - min(start) over the ranks, in ms."""
-    return [
-        (max(r.spans[i][1] for r in reports) - min(r.spans[i][0] for r in reports)) * 1e3
-        for i in range(len(reports[0].spans))
-    ]
-
-
 def paired_ratios(entry_rounds: Sequence[float | None], baseline_rounds: Sequence[float | None]) -> list[float]:
     """Per round where both ran: entry median / baseline median."""
     return [a / b for a, b in zip(entry_rounds, baseline_rounds) if a is not None and b is not None and b > 0]
@@ -417,7 +411,7 @@ def _run_job(entry: Entry, workload) -> tuple[dict, Any]:
         first = error.failures[0] if error.failures else None
         reason = f"rank {first.rank}: {first.error}" if first else str(error).splitlines()[0]
         return {"error": reason, "load_1m": round(load, 2), "wall_s": round(time.monotonic() - started, 1)}, None
-    steps_ms = step_times_ms(reports)
+    steps_ms = step_times_ms([r.spans for r in reports])
     cpu_s = sum(r.timing.cpu_s for r in reports)
     record = {
         "steps_ms": [round(t, 2) for t in steps_ms],

@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dualpipe_plugin.bench.spans import step_times_ms
 from dualpipe_plugin.launch import run_local
 from dualpipe_plugin.moe import ExpertParallel, MoEConfig, lm_loss, moe_chunks, moe_layers, new_expert_parallel
 from dualpipe_plugin.moe.block import MoEBlock
@@ -280,14 +281,6 @@ def _step_main(rank: int, world_size: int, config: OverlapBenchConfig, model: Mo
     return spans
 
 
-def _step_ms(per_rank: list[dict], overlap: bool) -> list[float]:
-    steps = len(per_rank[0][overlap])
-    return [
-        (max(r[overlap][i][1] for r in per_rank) - min(r[overlap][i][0] for r in per_rank)) * 1e3
-        for i in range(steps)
-    ]
-
-
 # -- entry points --------------------------------------------------------------------------------------
 def _host() -> dict:
     return {
@@ -324,7 +317,9 @@ def run_overlap_bench(config: OverlapBenchConfig) -> dict:
         model = replace(config.model, wire_padding=pair["padding"])
         world = 2 * config.step_ranks
         per_rank = run_local(_step_main, world, (config, model), timeout_s=600)
-        off, on = statistics.median(_step_ms(per_rank, False)), statistics.median(_step_ms(per_rank, True))
+        off_ms = step_times_ms([r[False] for r in per_rank])
+        on_ms = step_times_ms([r[True] for r in per_rank])
+        off, on = statistics.median(off_ms), statistics.median(on_ms)
         schedule = build_schedule("dualpipev", config.step_ranks, config.step_microbatches)
         costs = dict(F=profile["F"], B=profile["B"], W=profile["weight"])
         predicted_off = simulate(schedule, CostModel(**costs, FB=profile["F"] + profile["B"])).makespan
@@ -334,8 +329,8 @@ def run_overlap_bench(config: OverlapBenchConfig) -> dict:
             "ep": 2, "processes": world,
             "overlap_off_ms": round(off, 2), "overlap_on_ms": round(on, 2),
             "gain": round(1 - on / off, 4),
-            "off_samples_ms": [round(t, 2) for t in _step_ms(per_rank, False)],
-            "on_samples_ms": [round(t, 2) for t in _step_ms(per_rank, True)],
+            "off_samples_ms": [round(t, 2) for t in off_ms],
+            "on_samples_ms": [round(t, 2) for t in on_ms],
             "simulated_off_ms": round(predicted_off, 2), "simulated_on_ms": round(predicted_on, 2),
             "simulated_gain": round(1 - predicted_on / predicted_off, 4),
         }

@@ -97,8 +97,8 @@ def run_deepspeed_rank(rank: int, world_size: int, job: Job) -> RankReport:
         "wall_clock_breakdown": False,
     }
     if engine_kind == "ours":
-        ds_config["pipeline"] = {"schedule": job.option("schedule", "dualpipev"), "overlap": job.option("overlap", False),
-                                 "timeout_s": workload.timeout_s}
+        ds_config["pipeline"] = {"schedule": job.option("schedule", "dualpipev"),
+                                 "overlap": job.option("overlap", False), "timeout_s": workload.timeout_s}
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
     probe = ActivationProbe([engine.module])
     micro_batches = list(zip(x.split(micro_batch), y.split(micro_batch)))

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from dualpipe_plugin.bench.machine import machine_facts
+from dualpipe_plugin.bench.spans import step_times_ms
 from dualpipe_plugin.launch import run_local
 from dualpipe_plugin.runtime.emulate import emulated_chunk
 from dualpipe_plugin.runtime.pipeline import DualPipeline
@@ -72,10 +73,7 @@ def run_step_bench(config: StepBenchConfig) -> dict:
     schedule = build_schedule(config.schedule, config.ranks, config.microbatches)
     predicted = simulate(schedule, config.costs())
     per_rank = run_local(_rank_main, config.ranks, (config,), timeout_s=120 + 10 * config.steps)
-    steps_ms = [
-        (max(r["spans"][i][1] for r in per_rank) - min(r["spans"][i][0] for r in per_rank)) * 1e3
-        for i in range(config.steps)
-    ]
+    steps_ms = step_times_ms([r["spans"] for r in per_rank])
     measured = statistics.median(steps_ms)
     return {
         "machine": machine_facts(),
