@@ -160,8 +160,6 @@ class PipelineExecutor:
         self.store = WeightGradStore()
         self._split_binding = bind_weight_split(self.chunks, self.store) if split_weights else None
         self.mirror_sync = mirror_sync if mirror_sync is not None else sync_mirrored_grads
-        self._handlers = {OpKind.F: self._run_forward, OpKind.B: self._run_backward,
-                          OpKind.I: self._run_backward, OpKind.W: self._run_weight}
         # Per-step state, reset by run().
         self._hooks: StageHooks | None = None
         self._comm: StepComm | None = None
@@ -302,10 +300,10 @@ class PipelineExecutor:
                     self._run_forward(action.forward)
                     self._run_backward(action.backward)
         elif action.kind is OpKind.F:
-            self._handlers[action.kind](action)
+            self._run_forward(action)
         else:
             with self._grad_scope(action):
-                self._handlers[action.kind](action)
+                (self._run_weight if action.kind is OpKind.W else self._run_backward)(action)
 
     def _grad_scope(self, action: Action):
         """The hooks' optional ``grad_scope(action)`` (see :class:`StageHooks`), else a no-op."""
