@@ -302,6 +302,9 @@ class PipelineExecutor:
         elif action.kind is OpKind.F:
             self._run_forward(action)
         else:
+            # Called directly, not through a table of bound methods: such a table is a reference cycle
+            # that keeps the executor and its process groups alive until the interpreter's final GC
+            # (tests/runtime/test_lifetime.py says why that aborts gloo jobs at exit).
             with self._grad_scope(action):
                 (self._run_weight if action.kind is OpKind.W else self._run_backward)(action)
 

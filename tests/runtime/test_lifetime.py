@@ -17,11 +17,10 @@ import weakref
 from contextlib import contextmanager
 
 import pytest
-import torch
 
 from dualpipe_plugin.moe import lm_loss, moe_chunks, moe_layers
 from dualpipe_plugin.runtime.pipeline import DualPipeline, stage_modules
-from tests.moe.harness import CONFIG
+from tests.moe.harness import MoECase, data
 from tests.runtime.harness import Case, batch, build_layers, loss_fn, one_thread
 from tests.runtime.test_units import Loopback
 
@@ -45,17 +44,16 @@ def _dense_pipeline(case: Case, transport) -> tuple[DualPipeline, tuple]:
 
 
 def _moe_pipeline(overlap: bool, transport) -> tuple[DualPipeline, tuple]:
-    chunks = moe_chunks(moe_layers(CONFIG, 2, seed=0), "dualpipev", 1, 0)
-    pipe = DualPipeline(chunks, "dualpipev", loss_fn=lm_loss, transport=transport, overlap=overlap)
-    generator = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, CONFIG.vocab_size, (4, 3), generator=generator)
-    return pipe, (tokens, torch.randint(0, CONFIG.vocab_size, (4, 3), generator=generator))
+    case = MoECase(ranks=1, ep=1, microbatches=2, blocks=2)
+    chunks = moe_chunks(moe_layers(case.config, case.blocks, seed=case.seed), case.schedule, 1, 0)
+    pipe = DualPipeline(chunks, case.schedule, loss_fn=lm_loss, transport=transport, overlap=overlap)
+    return pipe, data(case, replica=0)
 
 
 @pytest.mark.parametrize(
     "build",
     [
-        pytest.param(lambda t: _dense_pipeline(Case("dualpipev", 1, 4), t), id="dualpipev"),
+        pytest.param(lambda t: _dense_pipeline(Case("dualpipev", 1, 2), t), id="dualpipev"),
         pytest.param(lambda t: _dense_pipeline(Case("zb1p", 1, 2), t), id="zb1p"),
         pytest.param(lambda t: _dense_pipeline(Case("dualpipev", 1, 2, options={"split_weights": False}), t),
                      id="dualpipev-no-split"),
