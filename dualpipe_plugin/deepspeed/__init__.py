@@ -31,7 +31,7 @@ from deepspeed.runtime.pipe.module import PipelineModule
 from dualpipe_plugin.deepspeed.config import (
     DEEPSPEED_SCHEDULE,
     DeepSpeedPipelineConfigError,
-    PipelineOptions,
+    read_partition_method,
     read_pipeline_options,
 )
 from dualpipe_plugin.deepspeed.engine import DualPipeEngine
@@ -41,8 +41,8 @@ __all__ = [
     "DEEPSPEED_SCHEDULE",
     "DeepSpeedPipelineConfigError",
     "DualPipeEngine",
-    "PipelineOptions",
     "is_registered",
+    "read_partition_method",
     "read_pipeline_options",
     "register",
     "unregister",

@@ -4,12 +4,16 @@ DeepSpeed copies the JSON ``"pipeline"`` dict verbatim into ``DeepSpeedConfig.pi
 below sit next to DeepSpeed's own (``activation_checkpoint_interval``, ``use_reentrant``, ...)::
 
     "pipeline": {
-        "schedule": "dualpipev",      # dualpipe | dualpipev | 1f1b | zb1p | deepspeed (the default)
+        "schedule": "dualpipev",      # any registered schedule (dualpipe, dualpipev, 1f1b, zb1p, zbv)
+                                      # or deepspeed (the default: DeepSpeed's TrainSchedule)
         "overlap": true,              # F&B pairs through the overlap engine where the layers support it (default false)
         "split_weights": true,        # the B/W split (zero-bubble W passes); false runs every backward whole
         "timeout_s": 300,             # every pipeline communication wait
         "partition_method": "uniform" # only needed if the PipelineModule was built before the import
     }
+
+The first four are :class:`~dualpipe_plugin.runtime.options.PipelineOptions` fields (their defaults and
+checks are the runtime's; ``overlap`` defaults to false here); ``partition_method`` is this adapter's.
 
 Every check runs in ``deepspeed.initialize``, before the model is re-partitioned or the optimizer is
 built, and fails with a :class:`DeepSpeedPipelineConfigError` (a ``ValueError``) that names the fix.
@@ -17,45 +21,38 @@ built, and fails with a :class:`DeepSpeedPipelineConfigError` (a ``ValueError``)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Mapping
 
-from dualpipe_plugin.schedules import ScheduleConfigError, build_schedule, schedule_names
+from dualpipe_plugin.runtime.options import PipelineOptions
+from dualpipe_plugin.schedules import Placement, ScheduleConfigError, get_schedule, schedule_names
 
 __all__ = [
-    "DEEPSPEED_SCHEDULE", "DeepSpeedPipelineConfigError", "PipelineOptions", "check_engine_setup", "read_pipeline_options",
+    "DEEPSPEED_SCHEDULE", "DeepSpeedPipelineConfigError", "check_engine_setup", "read_partition_method",
+    "read_pipeline_options",
 ]
 
 DEEPSPEED_SCHEDULE = "deepspeed"
 """``"schedule": "deepspeed"`` (or no ``"schedule"`` key) keeps DeepSpeed's own TrainSchedule."""
+
+_KEYS = ("schedule", "overlap", "split_weights", "timeout_s")
+"""The runtime options a DeepSpeed config sets (the rest keep PipelineOptions' defaults)."""
 
 
 class DeepSpeedPipelineConfigError(ValueError):
     """The DeepSpeed config or model asks for something the DualPipe engine cannot run."""
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
-class PipelineOptions:
-    """This adapter's keys of the config's ``"pipeline"`` dict (see the module docstring)."""
-
-    schedule: str
-    """A registered schedule name (lower case)."""
-    overlap: bool = False
-    """Run F&B pairs through the overlap engine when every layer of both chunks can be staged."""
-    split_weights: bool = True
-    """Split backwards into I and W where the schedule does (zero-bubble)."""
-    timeout_s: float = 300.0
-    """Seconds any pipeline communication may wait before the step fails naming the peer."""
-    partition_method: str | None = None
-    """Overrides the PipelineModule's partition_method (needed only for a module built before the import)."""
-
-
 def _valid_names() -> str:
     return ", ".join([*schedule_names(), DEEPSPEED_SCHEDULE])
 
 
+def _spell(field: str) -> str:
+    return f"pipeline.{field}"
+
+
 def read_pipeline_options(pipeline: Mapping[str, Any]) -> PipelineOptions | None:
-    """The options, or None when DeepSpeed's own schedule is asked for (no key, or ``"deepspeed"``)."""
+    """The runtime options of a config's ``"pipeline"`` section, or None when DeepSpeed's own schedule is
+    asked for (no ``"schedule"`` key, or ``"deepspeed"``). ``overlap`` defaults to false here."""
     name = pipeline.get("schedule")
     if name is None:
         return None
@@ -63,30 +60,30 @@ def read_pipeline_options(pipeline: Mapping[str, Any]) -> PipelineOptions | None
         raise DeepSpeedPipelineConfigError(
             f'pipeline.schedule must be a string, got {name!r}; valid schedules: {_valid_names()}'
         )
-    name = name.strip().lower()
-    if name == DEEPSPEED_SCHEDULE:
+    if name.strip().lower() == DEEPSPEED_SCHEDULE:
         return None
-    if name not in schedule_names():
+    try:
+        spec = get_schedule(name)
+    except ScheduleConfigError:
         raise DeepSpeedPipelineConfigError(
-            f'unknown pipeline schedule {pipeline.get("schedule")!r} in the DeepSpeed config '
-            f'("pipeline": {{"schedule": ...}}); valid schedules: {_valid_names()}'
-        )
-    overlap = pipeline.get("overlap", False)
-    split = pipeline.get("split_weights", True)
-    for key, value in (("overlap", overlap), ("split_weights", split)):
-        if not isinstance(value, bool):
-            raise DeepSpeedPipelineConfigError(f"pipeline.{key} must be true or false, got {value!r}")
-    timeout = pipeline.get("timeout_s", 300.0)
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
-        raise DeepSpeedPipelineConfigError(f"pipeline.timeout_s must be a positive number of seconds, got {timeout!r}")
+            f'unknown pipeline schedule {name!r} in the DeepSpeed config ("pipeline": {{"schedule": ...}}); '
+            f'valid schedules: {_valid_names()}'
+        ) from None
+    values = {key: pipeline[key] for key in _KEYS if key in pipeline}
+    values["schedule"] = spec
+    values.setdefault("overlap", False)
+    return PipelineOptions.from_values(values, spell=_spell, error=DeepSpeedPipelineConfigError)
+
+
+def read_partition_method(pipeline: Mapping[str, Any]) -> str | None:
+    """``pipeline.partition_method``: overrides the PipelineModule's (needed only for a module built before
+    ``import dualpipe_plugin.deepspeed``)."""
     method = pipeline.get("partition_method")
     if method is not None and not isinstance(method, str):
         raise DeepSpeedPipelineConfigError(
             f"pipeline.partition_method must be a string ('uniform', 'parameters' or 'type:REGEX'), got {method!r}"
         )
-    return PipelineOptions(
-        schedule=name, overlap=overlap, split_weights=split, timeout_s=float(timeout), partition_method=method
-    )
+    return method
 
 
 def check_engine_setup(
@@ -100,9 +97,9 @@ def check_engine_setup(
     grad_partitioned: bool,
     dynamic_shape: bool,
     has_bool_tensors: bool,
-):
-    """Every check of the config and model against ``options``; returns the schedule for ``micro_batches``."""
-    name = options.schedule
+) -> Placement:
+    """Every check of the config and model against ``options``; returns the schedule's placement."""
+    name = options.schedule.name
     if zero_stage >= 2:
         raise DeepSpeedPipelineConfigError(
             f"zero_optimization.stage={zero_stage} partitions gradients, which pipeline parallelism does not "
@@ -127,9 +124,10 @@ def check_engine_setup(
             f"floating tensors"
         )
     try:
-        return build_schedule(name, num_stages, micro_batches)
+        options.schedule.check(num_stages, micro_batches)
     except ScheduleConfigError as error:
         raise DeepSpeedPipelineConfigError(
             f"pipeline.schedule={name!r} with num_stages={num_stages} and gradient_accumulation_steps="
             f"{micro_batches} (the micro-batches of one train_batch): {error}"
         ) from None
+    return options.schedule.placement(num_stages)

@@ -30,7 +30,6 @@ folds them into the fp32 accumulation after - per op, so a W that runs later tha
 from __future__ import annotations
 
 import inspect
-import warnings
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -51,14 +50,14 @@ from deepspeed.runtime.utils import is_model_parallel_parameter
 
 from dualpipe_plugin.deepspeed.config import (
     DeepSpeedPipelineConfigError,
-    PipelineOptions,
     check_engine_setup,
+    read_partition_method,
     read_pipeline_options,
 )
 from dualpipe_plugin.deepspeed.layout import ModuleLayout, partition_method_of, place_layers
 from dualpipe_plugin.runtime.executor import PipelineExecutor
 from dualpipe_plugin.runtime.mirror import sync_mirrored_grads
-from dualpipe_plugin.runtime.overlap import OverlapFallbackWarning, overlap_engine_for
+from dualpipe_plugin.runtime.options import PipelineOptions
 from dualpipe_plugin.runtime.staged import StagedChunk
 from dualpipe_plugin.runtime.transport import TorchTransport, new_pipeline_groups
 from dualpipe_plugin.schedules import Placement, ScheduleConfigError
@@ -115,16 +114,6 @@ def _detached(value: Any) -> Any:
     return value
 
 
-def _to_device(value: Any, device) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, (tuple, list)):
-        return [_to_device(v, device) for v in value]
-    if isinstance(value, dict):
-        return {k: _to_device(v, device) for k, v in value.items()}
-    return value
-
-
 def _add_to_total(total: Any, value: Any) -> Any:
     """DeepSpeed's ``add_to_total_loss`` (engine._exec_forward_pass): zeros_like, then += per micro-batch."""
     if isinstance(value, torch.Tensor):
@@ -151,9 +140,15 @@ class _Plan:
     rank: int
     loss_rank: int
     """The pipeline rank that reports the loss (``is_last_stage``)."""
-    holds_first: bool
-    holds_last: bool
     staged: bool
+
+    @property
+    def holds_first(self) -> bool:
+        return self.placement.holds_first_stage(self.rank)
+
+    @property
+    def holds_last(self) -> bool:
+        return self.placement.holds_last_stage(self.rank)
 
     @property
     def needs_data(self) -> bool:
@@ -173,7 +168,7 @@ class _StepHooks:
         if plan.needs_data:
             if engine.data_iterator is None and engine.batch_fn is None:
                 raise DeepSpeedPipelineConfigError(
-                    f"pipeline rank {plan.rank} holds a first or last stage of {plan.options.schedule!r} and needs "
+                    f"pipeline rank {plan.rank} holds a first or last stage of {plan.options.schedule.name!r} and needs "
                     f"the data: pass data_iter to train_batch/eval_batch (or training_data to deepspeed.initialize)"
                 )
             self.batches = [engine._next_batch() for _ in range(num_microbatches)]
@@ -269,14 +264,15 @@ class DualPipeEngine(PipelineEngine):
         bound = _ENGINE_SIGNATURE.bind(None, *super_args, **super_kwargs)
         arguments = dict(bound.arguments)
         arguments.pop("self")
-        options = read_pipeline_options(self._pipeline_section(arguments))
+        section = self._pipeline_section(arguments)
+        options = read_pipeline_options(section)
         if options is None:
             super().__init__(has_bool_tensors, *super_args, **super_kwargs)
             return
         model = arguments.get("model")
         self._check_model(model, options)
         config = arguments["config_class"]
-        schedule = check_engine_setup(
+        placement = check_engine_setup(
             options,
             num_stages=model.num_stages,
             micro_batches=config.gradient_accumulation_steps,
@@ -287,16 +283,16 @@ class DualPipeEngine(PipelineEngine):
             dynamic_shape=bool(model.dynamic_shape),
             has_bool_tensors=bool(has_bool_tensors),
         )
-        placement = schedule.placement
+        partition_method = read_partition_method(section)
         keeps_slices = (  # 1f1b/zb1p: DeepSpeed's own partition, nothing is rebuilt
-            options.partition_method is None and placement.num_chunks == 1
+            partition_method is None and placement.num_chunks == 1
             and placement.num_stages == model.num_stages and placement.stage(model.stage_id, 0) == model.stage_id
         )
         model_parameters = None
         if not keeps_slices:
             self._check_client_optimizer(arguments.get("optimizer"), options)
             model_parameters = self._materialized(arguments.get("model_parameters"), list(model.parameters()), options)
-        method = None if keeps_slices else options.partition_method or partition_method_of(model)
+        method = None if keeps_slices else partition_method or partition_method_of(model)
         layout = place_layers(model, placement, method)
         if model_parameters is not None:
             arguments["model_parameters"] = model_parameters(model)
@@ -324,12 +320,12 @@ class DualPipeEngine(PipelineEngine):
     def _check_model(model, options: PipelineOptions) -> None:
         if isinstance(model, DualPipeVModule):
             raise DeepSpeedPipelineConfigError(
-                f"pipeline.schedule={options.schedule!r} re-partitions a plain PipelineModule itself; build "
+                f"pipeline.schedule={options.schedule.name!r} re-partitions a plain PipelineModule itself; build "
                 f"the model as deepspeed.pipe.PipelineModule, not DeepSpeed's DualPipeVModule"
             )
         if not isinstance(model, PipelineModule):
             raise DeepSpeedPipelineConfigError(
-                f"pipeline.schedule={options.schedule!r} needs a deepspeed.pipe.PipelineModule, got "
+                f"pipeline.schedule={options.schedule.name!r} needs a deepspeed.pipe.PipelineModule, got "
                 f"{type(model).__name__}"
             )
 
@@ -337,7 +333,7 @@ class DualPipeEngine(PipelineEngine):
     def _check_client_optimizer(optimizer, options: PipelineOptions) -> None:
         if isinstance(optimizer, torch.optim.Optimizer):
             raise DeepSpeedPipelineConfigError(
-                f"pipeline.schedule={options.schedule!r} rebuilds this rank's layers inside "
+                f"pipeline.schedule={options.schedule.name!r} rebuilds this rank's layers inside "
                 f"deepspeed.initialize, so an optimizer built beforehand holds the wrong parameters; configure "
                 f"the optimizer in the config's \"optimizer\" section or pass a callable, e.g. "
                 f"optimizer=lambda params: torch.optim.AdamW(params, lr=1e-4)"
@@ -351,7 +347,7 @@ class DualPipeEngine(PipelineEngine):
         given = list(model_parameters)
         if any(isinstance(item, dict) for item in given):
             raise DeepSpeedPipelineConfigError(
-                f"pipeline.schedule={options.schedule!r} places other layers on this rank than DeepSpeed's "
+                f"pipeline.schedule={options.schedule.name!r} places other layers on this rank than DeepSpeed's "
                 f"partition, so parameter groups built from the module cannot follow them; pass "
                 f"model_parameters as a flat list (e.g. [p for p in model.parameters() if p.requires_grad]) "
                 f"and set per-group options through the config, or leave out \"schedule\""
@@ -362,7 +358,7 @@ class DualPipeEngine(PipelineEngine):
         if ids == {id(p) for p in old_params if p.requires_grad}:
             return lambda module: [p for p in module.parameters() if p.requires_grad]
         raise DeepSpeedPipelineConfigError(
-            f"pipeline.schedule={options.schedule!r} can only follow model_parameters that are all of the "
+            f"pipeline.schedule={options.schedule.name!r} can only follow model_parameters that are all of the "
             f"PipelineModule's parameters or all of its trainable ones (it rebuilds this rank's layers); "
             f"freeze parameters with requires_grad=False instead of leaving them out"
         )
@@ -370,21 +366,11 @@ class DualPipeEngine(PipelineEngine):
     def _build_plan(self, options: PipelineOptions, placement: Placement, layout: ModuleLayout) -> _Plan:
         rank = self.stage_id
         chunk_ids = range(placement.num_chunks)
-        staged = options.overlap and self._can_stage(layout)
+        staged = bool(options.overlap) and self._can_stage(layout)
         chunks: list[nn.Module] = (
             [StagedChunk(layout.chunks[c].funcs) for c in chunk_ids] if staged
             else [_Chunk(layout, c) for c in chunk_ids]
         )
-        overlap = overlap_engine_for(chunks, warn=False) if staged else None
-        has_pairs = placement.num_chunks > 1  # dualpipe and dualpipev pair one chunk's F with the other's B
-        if options.overlap and has_pairs and not staged and self.global_rank == 0:
-            warnings.warn(
-                "pipeline.overlap: F&B pairs run one after the other - overlap needs every layer of a chunk "
-                "to be an nn.Module, at least one of them with sub_stages() (dualpipe_plugin.runtime.staged), "
-                "no activation checkpointing and no seed_layers",
-                OverlapFallbackWarning,
-                stacklevel=2,
-            )
         pipelines = [list(ranks) for ranks in self.grid.pipe_groups]
         groups = new_pipeline_groups(pipelines)  # every process, the same list: no second world
         mine = pipelines.index(list(self.grid.pp_group))
@@ -395,10 +381,10 @@ class DualPipeEngine(PipelineEngine):
             skip=layout.tied_param_ids,
         )
         executor = PipelineExecutor(
-            options.schedule, chunks, transport, timeout_s=options.timeout_s,
-            split_weights=options.split_weights, overlap=overlap, mirror_sync=mirror_sync,
+            chunks, transport, options, mirror_sync=mirror_sync,
+            overlap_advice="pipeline.overlap needs every layer of a chunk to be an nn.Module, at least one of them "
+            "with sub_stages() (dualpipe_plugin.runtime.staged), no activation checkpointing and no seed_layers",
         )
-        last_ranks = [r for r in range(placement.num_ranks) if any(placement.is_last(r, c) for c in chunk_ids)]
         return _Plan(
             options=options,
             placement=placement,
@@ -406,9 +392,7 @@ class DualPipeEngine(PipelineEngine):
             chunks=chunks,
             executor=executor,
             rank=rank,
-            loss_rank=min(last_ranks),
-            holds_first=any(placement.is_first(rank, c) for c in chunk_ids),
-            holds_last=any(placement.is_last(rank, c) for c in chunk_ids),
+            loss_rank=min(executor.loss_ranks),
             staged=staged,
         )
 
@@ -443,10 +427,11 @@ class DualPipeEngine(PipelineEngine):
     def _step(self, num_microbatches: int, *, train: bool, what: str) -> _Step:
         plan = self._dualpipe
         try:
-            plan.executor._schedule_for(num_microbatches)
+            plan.executor.schedule_for(num_microbatches)
         except ScheduleConfigError as error:
             raise DeepSpeedPipelineConfigError(
-                f"{what} with {num_microbatches} micro-batches on pipeline.schedule={plan.options.schedule!r}: {error}"
+                f"{what} with {num_microbatches} micro-batches on pipeline.schedule={plan.options.schedule.name!r}: "
+                f"{error}"
             ) from None
         return _Step(num_microbatches, train)
 
@@ -500,22 +485,15 @@ class DualPipeEngine(PipelineEngine):
         return loss
 
     def _gather_losses(self, hooks: _StepHooks) -> tuple[dict, dict]:
-        """Per-micro-batch losses on the loss rank (dualpipe computes them on two ranks)."""
+        """Per-micro-batch losses and additional losses on the loss rank (empty elsewhere); DualPipe
+        computes them on two ranks, and the runtime brings them together."""
         plan = self._dualpipe
-        last_ranks = sum(
-            any(plan.placement.is_last(r, c) for c in range(plan.placement.num_chunks))
-            for r in range(plan.placement.num_ranks)
-        )
-        if last_ranks == 1:
-            return hooks.values, hooks.additional
-        cpu = torch.device("cpu")
-        mine = (_to_device(hooks.values, cpu), {m: _to_device(dict(v), cpu) for m, v in hooks.additional.items()})
-        gathered: list = [None] * plan.placement.num_ranks
-        dist.all_gather_object(gathered, mine, group=self.grid.get_pipe_parallel_group())
-        values, additional = {}, {}
-        for their_values, their_additional in gathered:
-            values.update(_to_device(their_values, self.device))
-            additional.update({m: OrderedDict(_to_device(v, self.device)) for m, v in their_additional.items()})
+        mine = {m: (value, hooks.additional.get(m)) for m, value in hooks.values.items()}
+        gathered = plan.executor.collect_to(mine, to=plan.loss_rank)
+        if gathered is None:
+            return {}, {}
+        values = {m: value for m, (value, _) in gathered.items()}
+        additional = {m: OrderedDict(extra) for m, (_, extra) in gathered.items() if extra is not None}
         return values, additional
 
     # -- roles: which rank loads data and reports the loss ----------------------------------------
@@ -605,7 +583,7 @@ class DualPipeEngine(PipelineEngine):
     @property
     def pipeline_schedule(self) -> str:
         """The schedule this engine runs: a dualpipe_plugin name, or ``"deepspeed"`` (TrainSchedule)."""
-        return "deepspeed" if self._dualpipe is None else self._dualpipe.options.schedule
+        return "deepspeed" if self._dualpipe is None else self._dualpipe.options.schedule.name
 
     @property
     def pipeline_executor(self) -> PipelineExecutor | None:

@@ -9,29 +9,26 @@
 
 Modules: :mod:`~dualpipe_plugin.megatron.registry` (``register_schedule``, ``get_forward_backward_func``),
 :mod:`~dualpipe_plugin.megatron.schedule_fn` (our forward-backward function on the shared runtime),
+:mod:`~dualpipe_plugin.megatron.model_config` (``configure_model_config``: the schedule and its options on a
+config), :mod:`~dualpipe_plugin.megatron.config_checks` (what a schedule refuses in a config),
 :mod:`~dualpipe_plugin.megatron.placement` (V / mirrored layer numbering, pre/post-process, embeddings),
 :mod:`~dualpipe_plugin.megatron.grads` (no_sync, mirror sync, embedding tie, finalize_model_grads),
 :mod:`~dualpipe_plugin.megatron.weight_split` (B/W split of Megatron's parallel linears),
-:mod:`~dualpipe_plugin.megatron.args` (``--pipeline-schedule`` and ``patch_megatron_lm()``),
+:mod:`~dualpipe_plugin.megatron.args` (``--pipeline-schedule`` and the other flags),
+:mod:`~dualpipe_plugin.megatron.lm_patch` (``patch_megatron_lm()`` for Megatron-LM's training code),
+:mod:`~dualpipe_plugin.megatron.patching` (the one room where Megatron bindings are replaced),
 :mod:`~dualpipe_plugin.megatron.cpu_mode` (the explicit CPU/gloo opt-in for CI and laptops).
 Importing this package imports neither torch nor Megatron-Core; the heavy names load on first use.
 """
 
-from dualpipe_plugin.megatron.args import add_pipeline_schedule_args, patch_megatron_lm
-from dualpipe_plugin.megatron.cpu_mode import (
-    CpuMode,
-    Patch,
-    cpu_mode_patches,
-    enable_cpu_mode,
-    is_cpu_mode_active,
-)
+from dualpipe_plugin.megatron.args import add_pipeline_schedule_args
+from dualpipe_plugin.megatron.config_checks import check_model_config
+from dualpipe_plugin.megatron.cpu_mode import CpuMode, cpu_mode_patches, enable_cpu_mode, is_cpu_mode_active
 from dualpipe_plugin.megatron.errors import MegatronScheduleError, UnknownScheduleError
-from dualpipe_plugin.megatron.placement import (
-    ModelPlacement,
-    build_model_chunks,
-    check_model_config,
-    configure_model_config,
-)
+from dualpipe_plugin.megatron.lm_patch import patch_megatron_lm
+from dualpipe_plugin.megatron.model_config import configure_model_config
+from dualpipe_plugin.megatron.patching import Patch, PatchSet
+from dualpipe_plugin.megatron.placement import ModelPlacement, build_model_chunks
 from dualpipe_plugin.megatron.registry import (
     ScheduleRegistry,
     get_forward_backward_func,
@@ -44,6 +41,7 @@ __all__ = [
     "MegatronScheduleError",
     "ModelPlacement",
     "Patch",
+    "PatchSet",
     "PipelineScheduleFunction",
     "ScheduleRegistry",
     "UnknownScheduleError",

@@ -109,14 +109,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
-import threading
 import types
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
+
+from dualpipe_plugin.megatron.patching import Patch, PatchSet
 
 __all__ = ["CpuMode", "Patch", "enable_cpu_mode", "is_cpu_mode_active", "cpu_mode_patches"]
-
-_MISSING = object()
-
 
 # ------------------------------------------------------------------------------ stand-ins for CUDA
 
@@ -328,23 +326,6 @@ def _causal_mask_on_cpu(sq: int):
 # ------------------------------------------------------------------------------------ patch table
 
 
-class Patch(NamedTuple):
-    """One attribute CPU mode replaces: ``setattr(owner, attr, replacement)`` while active."""
-
-    owner: Any
-    attr: str
-    replacement: Any
-    why: str
-
-    @property
-    def target(self) -> str:
-        name = getattr(self.owner, "__qualname__", None) or getattr(self.owner, "__name__", "?")
-        module = getattr(self.owner, "__module__", None)
-        if isinstance(self.owner, types.ModuleType) or module is None:
-            return f"{name}.{self.attr}"
-        return f"{module}.{name}.{self.attr}"
-
-
 _PROXIED_MODULES = (
     ("megatron.core.tensor_parallel.random", "RNG tracker: torch.cuda.get_rng_state/manual_seed"),
     ("megatron.core.utils", "GlobalMemoryBuffer.get_tensor on torch.cuda.current_device()"),
@@ -412,23 +393,15 @@ def cpu_mode_patches() -> list[Patch]:
 # ------------------------------------------------------------------------------------- the switch
 
 
-class _Registry:
-    """The one process-wide record of applied patches: the patched modules are process-wide too."""
+class _Holders:
+    """CPU mode's patches (process-wide, like the modules they patch) and how many handles hold them."""
 
     def __init__(self):
-        self.lock = threading.Lock()
-        self.holders = 0
-        self.applied: list[tuple[Patch, Any]] = []  # (patch, original or _MISSING)
+        self.patches = PatchSet()
+        self.count = 0
 
 
-_REGISTRY = _Registry()
-
-
-def _own_attribute(owner: Any, attr: str) -> Any:
-    """The attribute as stored on ``owner`` itself (not inherited), or ``_MISSING``."""
-    if isinstance(owner, (type, types.ModuleType)):
-        return owner.__dict__.get(attr, _MISSING)
-    return getattr(owner, attr, _MISSING)
+_HOLDERS = _Holders()
 
 
 class CpuMode:
@@ -445,32 +418,23 @@ class CpuMode:
     @property
     def patches(self) -> tuple[Patch, ...]:
         """The patches currently applied (shared by all handles)."""
-        return tuple(patch for patch, _ in _REGISTRY.applied)
+        return _HOLDERS.patches.applied
 
     def disable(self) -> None:
         """Release this handle; the last release restores every patched attribute."""
-        with _REGISTRY.lock:
+        with _HOLDERS.patches.lock:
             if self._released:
                 return
             self._released = True
-            _REGISTRY.holders -= 1
-            if _REGISTRY.holders == 0:
-                _undo_all()
+            _HOLDERS.count -= 1
+            if _HOLDERS.count == 0:
+                _HOLDERS.patches.undo()
 
     def __enter__(self) -> "CpuMode":
         return self
 
     def __exit__(self, *exc_info) -> None:
         self.disable()
-
-
-def _undo_all() -> None:
-    for patch, original in reversed(_REGISTRY.applied):
-        if original is _MISSING:
-            delattr(patch.owner, patch.attr)
-        else:
-            setattr(patch.owner, patch.attr, original)
-    _REGISTRY.applied.clear()
 
 
 def enable_cpu_mode(*, force: bool = False) -> CpuMode:
@@ -487,20 +451,13 @@ def enable_cpu_mode(*, force: bool = False) -> CpuMode:
             "enable_cpu_mode() refuses to run Megatron-Core on CPU while CUDA is available; "
             "pass force=True if that is really what you want (tests only)"
         )
-    with _REGISTRY.lock:
-        if _REGISTRY.holders == 0:
-            try:
-                for patch in cpu_mode_patches():
-                    original = _own_attribute(patch.owner, patch.attr)
-                    setattr(patch.owner, patch.attr, patch.replacement)
-                    _REGISTRY.applied.append((patch, original))
-            except BaseException:
-                _undo_all()
-                raise
-        _REGISTRY.holders += 1
+    with _HOLDERS.patches.lock:
+        if _HOLDERS.count == 0:
+            _HOLDERS.patches.apply(cpu_mode_patches())
+        _HOLDERS.count += 1
         return CpuMode()
 
 
 def is_cpu_mode_active() -> bool:
     """Whether any :class:`CpuMode` handle is held in this process."""
-    return _REGISTRY.holders > 0
+    return _HOLDERS.count > 0

@@ -1,7 +1,7 @@
 """Where a schedule's model chunks sit in a Megatron-Core model: layer numbers, pre/post-process, embeddings.
 
 Megatron-Core numbers stages ``vp_stage * P + pp_rank`` and has no other placement. This module takes the
-placement from the schedule layer (:func:`dualpipe_plugin.schedules.build_schedule`, the single source of
+placement from the schedule's spec (:class:`dualpipe_plugin.schedules.ScheduleSpec`, the single source of
 truth) and makes Megatron build the right layers:
 
 ==========  ===========================  ====================================  ======================
@@ -10,18 +10,25 @@ schedule    chunk c on pipeline rank r   layers per chunk (L layers in all)    p
 dualpipev   stage r (c=0), 2P-1-r (c=1)  L / 2P, offset stage * L / 2P         rank 0: c=0 pre, c=1 post
 dualpipe    stage r (c=0), P-1-r (c=1)   L / P,  offset stage * L / P          rank 0: c=0 pre, c=1 post;
                                                                                rank P-1: c=0 post, c=1 pre
+zbv         as dualpipev                 as dualpipev                          as dualpipev
 1f1b, zb1p  stage r                      Megatron's own (one chunk, vp unset)  Megatron's own
 ==========  ===========================  ====================================  ======================
 
-A two-chunk model is Megatron's "two virtual stages per rank": :func:`configure_model_config` sets
-``config.virtual_pipeline_model_parallel_size = 2`` and ``config.pipeline_schedule``, chunk c is built with
+(Any schedule whose spec holds two chunks per rank is placed the same way: the table is read off
+``spec.placement(P)``, nothing here names a schedule.)
+
+A two-chunk model is Megatron's "two virtual stages per rank":
+:func:`~dualpipe_plugin.megatron.model_config.configure_model_config` sets
+``config.virtual_pipeline_model_parallel_size = 2``, ``config.pipeline_schedule`` and
+``config.pipeline_options``, chunk c is built with
 ``vp_stage=c`` (what Megatron-LM's ``model_provider(pre_process, post_process, vp_stage)`` receives), and
 the hooks below answer Megatron's layer questions from our placement. Layer numbers are global and
 1-based as in Megatron, so checkpoint keys (``decoder.layers.{global}``, sharded-state-dict offsets) do not
 depend on the schedule: a checkpoint written under dualpipev loads under 1F1B and back.
 
-Hooks (:func:`install_placement_hooks`; process-wide, idempotent, undone by :func:`remove_placement_hooks`;
-each one is inert for a config whose ``pipeline_schedule`` is not dualpipe/dualpipev):
+Hooks (:func:`install_placement_hooks`; process-wide, idempotent, undone by :func:`remove_placement_hooks`,
+applied through the adapter's :class:`~dualpipe_plugin.megatron.patching.PatchSet`; each one is inert for a
+config whose options hold a one-chunk schedule or none):
 
 1. ``transformer_layer.get_transformer_layer_offset`` and every module that imported it by name
    (``transformer_block``, ``gpt_layer_specs``, ... : all loaded ``megatron.*`` modules holding the original)
@@ -41,30 +48,30 @@ embedding-group all-reduce is skipped in ``finalize_model_grads``).
 from __future__ import annotations
 
 import functools
-import sys
-import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from dualpipe_plugin.megatron.errors import MegatronScheduleError
-from dualpipe_plugin.schedules import ScheduleConfigError, build_schedule
+from dualpipe_plugin.megatron.patching import Patch, PatchSet, everywhere
+from dualpipe_plugin.schedules import ScheduleConfigError, ScheduleSpec, get_schedule
 
 __all__ = [
-    "TWO_CHUNK_SCHEDULES",
     "ChunkPlacement",
     "ModelPlacement",
     "build_model_chunks",
-    "check_model_config",
-    "configure_model_config",
     "install_placement_hooks",
     "placement_of",
+    "places_chunks",
     "remove_placement_hooks",
     "synchronize_initial_copies",
     "unwrap",
 ]
 
-TWO_CHUNK_SCHEDULES = ("dualpipe", "dualpipev")
-"""Schedules whose ranks hold two chunks built by this module (the others use Megatron's placement)."""
+
+def places_chunks(spec: ScheduleSpec) -> bool:
+    """True when this module builds the chunks of ``spec`` (two per rank); one-chunk schedules keep
+    Megatron's own placement."""
+    return spec.chunks_per_rank > 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,15 +93,15 @@ class ChunkPlacement:
 class ModelPlacement:
     """The chunks of every pipeline rank for ``schedule`` on ``pp_size`` ranks and ``num_layers`` layers."""
 
-    def __init__(self, schedule: str, pp_size: int, num_layers: int):
-        self.schedule = schedule.lower()
-        self.pp_size = pp_size
-        self.num_layers = num_layers
+    def __init__(self, schedule: str | ScheduleSpec, pp_size: int, num_layers: int):
         try:
-            # Any valid micro-batch count: the placement does not depend on it.
-            self._placement = build_schedule(self.schedule, pp_size, 2 * pp_size).placement
+            self.spec = get_schedule(schedule)
+            self._placement = self.spec.placement(pp_size)
         except ScheduleConfigError as error:
             raise MegatronScheduleError(f"{error} (pipeline_model_parallel_size={pp_size})") from None
+        self.schedule = self.spec.name
+        self.pp_size = pp_size
+        self.num_layers = num_layers
         self.num_stages = self._placement.num_stages
         self.num_chunks = self._placement.num_chunks
         if num_layers % self.num_stages:
@@ -132,127 +139,24 @@ class ModelPlacement:
 
 
 @functools.lru_cache(maxsize=64)
-def _cached_placement(schedule: str, pp_size: int, num_layers: int) -> ModelPlacement:
-    return ModelPlacement(schedule, pp_size, num_layers)
+def _cached_placement(spec: ScheduleSpec, pp_size: int, num_layers: int) -> ModelPlacement:
+    return ModelPlacement(spec, pp_size, num_layers)
 
 
 def placement_of(config: Any) -> ModelPlacement | None:
-    """The two-chunk placement a configured ``TransformerConfig`` asks for, else None (Megatron's own)."""
-    name = getattr(config, "pipeline_schedule", None)
-    if not isinstance(name, str) or name.lower() not in TWO_CHUNK_SCHEDULES:
+    """The two-chunk placement a configured ``TransformerConfig`` asks for (``config.pipeline_options``, set
+    by ``configure_model_config``), else None: Megatron's own placement."""
+    options = getattr(config, "pipeline_options", None)
+    if options is None or not places_chunks(options.schedule):
         return None
-    return _cached_placement(name.lower(), config.pipeline_model_parallel_size, config.num_layers)
-
-
-# ------------------------------------------------------------------------------------ config checks
-
-_UNSUPPORTED_TWO_CHUNK = (
-    ("pipeline_model_parallel_layout", "a custom pipeline layout", "the schedule places layers itself"),
-    ("num_layers_in_first_pipeline_stage", "uneven first-stage layer counts", "stages are uniform"),
-    ("num_layers_in_last_pipeline_stage", "uneven last-stage layer counts", "stages are uniform"),
-    ("account_for_embedding_in_pipeline_split", "account_for_embedding_in_pipeline_split", "stages are uniform"),
-    ("account_for_loss_in_pipeline_split", "account_for_loss_in_pipeline_split", "stages are uniform"),
-    ("mtp_num_layers", "multi-token prediction", "its layers would need the last stage on the last rank"),
-    ("heterogeneous_block_specs", "heterogeneous block specs", "per-layer configs are not placed"),
-)
-
-_UNSUPPORTED_ANY = (
-    ("defer_embedding_wgrad_compute", "defer_embedding_wgrad_compute",
-     "the runtime's B/W split already defers weight gradients; turn it off"),
-    ("overlap_moe_expert_parallel_comm", "overlap_moe_expert_parallel_comm",
-     "that is Megatron's combined-1F1B overlap for its own schedules; turn it off"),
-    ("delay_wgrad_compute", "delay_wgrad_compute",
-     "that is Transformer Engine's B/W split for Megatron's schedules; this plugin splits W itself, turn it off"),
-    ("num_microbatches_with_partial_activation_checkpoints", "partial activation checkpointing per micro-batch",
-     "use full or selective recomputation"),
-)
-
-
-def _is_set(value: Any) -> bool:
-    return value not in (None, False, 0)
-
-
-def _te_available() -> bool:
-    try:
-        import transformer_engine  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def check_model_config(config: Any, schedule: str) -> None:
-    """Refuse settings ``schedule`` cannot run with, before any model is built or step taken."""
-    name = schedule.lower()
-    for attr, what, why in _UNSUPPORTED_ANY:
-        if _is_set(getattr(config, attr, None)):
-            raise MegatronScheduleError(f"pipeline schedule {name!r} does not support {what} ({attr}): {why}")
-    if getattr(config, "fp8", None) and not _te_available():
-        raise MegatronScheduleError(
-            f"fp8={config.fp8!r} needs Transformer Engine, which is not installed; install transformer_engine "
-            f"or drop fp8"
-        )
-    if name in TWO_CHUNK_SCHEDULES:
-        vp = config.virtual_pipeline_model_parallel_size
-        if vp is not None and getattr(config, "pipeline_schedule", None) != name:
-            raise MegatronScheduleError(
-                f"{name} places two chunks per rank itself; do not also set the virtual pipeline size "
-                f"(virtual_pipeline_model_parallel_size={config.virtual_pipeline_model_parallel_size}, "
-                f"--virtual-pipeline-model-parallel-size / --num-layers-per-virtual-pipeline-stage): remove it"
-            )
-        for attr, what, why in _UNSUPPORTED_TWO_CHUNK:
-            if _is_set(getattr(config, attr, None)):
-                raise MegatronScheduleError(f"{name} does not support {what} ({attr}): {why}")
-        ModelPlacement(name, config.pipeline_model_parallel_size, config.num_layers)  # divisibility, P even
-    elif config.virtual_pipeline_model_parallel_size is not None:
-        raise MegatronScheduleError(
-            f"{name} runs one chunk per rank; unset virtual_pipeline_model_parallel_size "
-            f"(={config.virtual_pipeline_model_parallel_size}) or use the 'megatron' schedule for interleaving"
-        )
-    else:
-        build_schedule(name, config.pipeline_model_parallel_size, 1)  # the name and P
-
-
-def configure_model_config(config: Any, schedule: str) -> Any:
-    """Mark ``config`` (a ``TransformerConfig``) for ``schedule``, before the model is built. Returns it.
-
-    Sets ``config.pipeline_schedule`` and, for dualpipe/dualpipev, ``virtual_pipeline_model_parallel_size
-    = 2`` (two chunks per rank, built with ``vp_stage`` 0 and 1); installs the placement hooks. Calling it
-    again with the same schedule is a no-op. ``schedule="megatron"`` (or a name registered with
-    :func:`~dualpipe_plugin.megatron.register_schedule`) only sets ``config.pipeline_schedule``.
-    """
-    from dualpipe_plugin.megatron.registry import MEGATRON
-
-    from dualpipe_plugin.megatron.registry import default_registry
-    from dualpipe_plugin.schedules import schedule_names
-
-    name = schedule.lower()
-    if name not in schedule_names():  # Megatron's own, or a registered function with its own placement
-        if name != MEGATRON:
-            default_registry().lookup(name)  # UnknownScheduleError listing the valid names
-        config.pipeline_schedule = name
-        return config
-    if getattr(config, "pipeline_schedule", None) == name:
-        return config
-    check_model_config(config, name)
-    if name in TWO_CHUNK_SCHEDULES:
-        install_placement_hooks()
-        config.virtual_pipeline_model_parallel_size = 2
-    config.pipeline_schedule = name
-    return config
+    return _cached_placement(options.schedule, config.pipeline_model_parallel_size, config.num_layers)
 
 
 # ------------------------------------------------------------------------------------------- hooks
 
 
-class _Hooks:
-    """The one process-wide record of installed placement hooks (the patched modules are process-wide)."""
-
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.applied: list[tuple[Any, str, Any]] = []  # (owner, attribute, original)
-
-
-_HOOKS = _Hooks()
+_HOOKS = PatchSet()
+"""The installed placement hooks: process-wide, as the Megatron modules they patch."""
 
 
 def _pp_rank(pp_rank: int | None) -> int:
@@ -304,42 +208,22 @@ def install_placement_hooks() -> None:
     from megatron.core.transformer import transformer_block, transformer_layer
 
     with _HOOKS.lock:
-        if _HOOKS.applied:
+        if _HOOKS:
             return
-        targets = [
-            (transformer_layer, "get_transformer_layer_offset", _offset_hook),
-            (transformer_block, "get_num_layers_to_build", _num_layers_hook),
-        ]
-        try:
-            for home, attr, make in targets:
-                original = getattr(home, attr)
-                hook = make(original)
-                holders = [home] + [
-                    module for name, module in list(sys.modules.items())
-                    if name.startswith("megatron.") and module is not None and module is not home
-                    and getattr(module, attr, None) is original
-                ]
-                for owner in holders:
-                    _HOOKS.applied.append((owner, attr, original))
-                    setattr(owner, attr, hook)
-            original = LanguageModule.__dict__["_is_in_embd_group"]
-            _HOOKS.applied.append((LanguageModule, "_is_in_embd_group", original))
-            LanguageModule._is_in_embd_group = _embedding_group_hook(original)
-        except BaseException:
-            _undo()
-            raise
-
-
-def _undo() -> None:
-    for owner, attr, original in reversed(_HOOKS.applied):
-        setattr(owner, attr, original)
-    _HOOKS.applied.clear()
+        _HOOKS.apply([
+            *everywhere(transformer_layer, "get_transformer_layer_offset", _offset_hook,
+                        "global layer numbers of the schedule's placement"),
+            *everywhere(transformer_block, "get_num_layers_to_build", _num_layers_hook,
+                        "layers per stage of the schedule's placement"),
+            Patch(LanguageModule, "_is_in_embd_group",
+                  _embedding_group_hook(LanguageModule.__dict__["_is_in_embd_group"]),
+                  "both ends of the model share a rank: tie locally, not through the embedding group"),
+        ])
 
 
 def remove_placement_hooks() -> None:
     """Restore every patched binding (tests; models built meanwhile keep their layer numbers)."""
-    with _HOOKS.lock:
-        _undo()
+    _HOOKS.undo()
 
 
 # ------------------------------------------------------------------------------------------ models

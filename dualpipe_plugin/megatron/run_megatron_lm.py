@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> Any:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0].startswith("-"):
         raise SystemExit("usage: python -m dualpipe_plugin.megatron.run_megatron_lm SCRIPT.py [script arguments]")
-    from dualpipe_plugin.megatron.args import patch_megatron_lm
+    from dualpipe_plugin.megatron.lm_patch import patch_megatron_lm
 
     patch = patch_megatron_lm()
     sys.argv = argv

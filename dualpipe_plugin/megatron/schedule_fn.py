@@ -46,7 +46,6 @@ and step) and are ignored; ``p2p_communicator`` is ignored (the runtime's transp
 
 from __future__ import annotations
 
-import pickle
 import weakref
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -54,13 +53,15 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+from dualpipe_plugin.megatron.config_checks import check_model_config, options_for
 from dualpipe_plugin.megatron.errors import MegatronScheduleError
 from dualpipe_plugin.megatron.grads import GradSync
-from dualpipe_plugin.megatron.placement import check_model_config, placement_of
+from dualpipe_plugin.megatron.placement import placement_of, places_chunks
 from dualpipe_plugin.megatron.weight_split import bind_megatron_linears
 from dualpipe_plugin.runtime.executor import PipelineExecutor
-from dualpipe_plugin.runtime.transport import P2P, Channel, TorchTransport, new_pipeline_groups
-from dualpipe_plugin.schedules import ScheduleConfigError, build_schedule
+from dualpipe_plugin.runtime.options import PipelineOptions
+from dualpipe_plugin.runtime.transport import TorchTransport, new_pipeline_groups
+from dualpipe_plugin.schedules import ScheduleConfigError, ScheduleSpec
 
 __all__ = ["PipelineScheduleFunction"]
 
@@ -262,17 +263,6 @@ class _MegatronStageHooks:
 # ------------------------------------------------------------------------------ one model's pipeline
 
 
-def _map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
-    if torch.is_tensor(value):
-        return fn(value)
-    if isinstance(value, dict):
-        return type(value)((k, _map_tensors(v, fn)) for k, v in value.items())
-    if isinstance(value, (list, tuple)):
-        mapped = [_map_tensors(v, fn) for v in value]
-        return type(value)(mapped) if not hasattr(value, "_fields") else type(value)(*mapped)
-    return value
-
-
 def _all_pipelines(pp_group: Any) -> tuple[list[list[int]], int]:
     """Every pipeline's global ranks (the same list on every process) and the index of this one."""
     import torch.distributed as dist
@@ -287,9 +277,7 @@ def _all_pipelines(pp_group: Any) -> tuple[list[list[int]], int]:
 class _MegatronPipeline:
     """The runtime objects serving one model (its chunks on this rank): transport, executor, W split."""
 
-    def __init__(self, schedule: str, chunks: list, config: Any, pp_group: Any, *, timeout_s: float,
-                 split_weights: bool):
-        self.schedule = schedule
+    def __init__(self, options: PipelineOptions, chunks: list, config: Any, pp_group: Any):
         self.chunks = chunks
         self.config = config
         self.placement = placement_of(config)
@@ -297,62 +285,22 @@ class _MegatronPipeline:
         groups = new_pipeline_groups(pipelines)[index]
         self.transport = TorchTransport(pipelines[index], groups)
         self.grads = GradSync(chunks, config, self.placement)
+        variable = bool(getattr(config, "variable_seq_lengths", False))
         self.executor = PipelineExecutor(
-            schedule, chunks, self.transport, timeout_s=timeout_s, split_weights=split_weights,
-            shapes_per_microbatch=bool(getattr(config, "variable_seq_lengths", False)),
-            mirror_sync=self.grads.mirror_sync,
-        )
-        self._linear_split = bind_megatron_linears(chunks, self.executor.store) if split_weights else None
-        runtime_placement = self.executor.placement
-        rank = self.transport.rank
-        self._last_chunks = {c for c in range(runtime_placement.num_chunks) if runtime_placement.is_last(rank, c)}
-        self._loss_ranks = sorted(
-            r for r in range(self.transport.size)
-            if any(runtime_placement.is_last(r, c) for c in range(runtime_placement.num_chunks))
+            chunks, self.transport, options.replace(shapes_per_microbatch=options.shapes_per_microbatch or variable),
+            mirror_sync=self.grads.mirror_sync, weight_splitters=(bind_megatron_linears,),
         )
 
     def is_last(self, chunk: int) -> bool:
-        return chunk in self._last_chunks
+        return self.executor.placement.is_last(self.transport.rank, chunk)
 
     def close(self) -> None:
-        if self._linear_split is not None:
-            self._linear_split.unbind()
-            self._linear_split = None
         self.executor.close()
 
-    # -- reports to the last pipeline rank -------------------------------------------------------
     def gather_reports(self, reports: dict[int, Any]) -> list:
         """``forward_data_store`` on the last pipeline rank (micro-batch order), ``[]`` elsewhere."""
-        transport, last = self.transport, self.transport.size - 1
-        senders = [r for r in self._loss_ranks if r != last]
-        if transport.rank != last:
-            if transport.rank in senders:
-                cpu = _map_tensors(reports, lambda t: t.detach().cpu())
-                self._send_bytes(pickle.dumps(cpu), last)
-            return []
-        merged = dict(reports)
-        for sender in senders:
-            received = pickle.loads(self._recv_bytes(sender))
-            merged.update(_map_tensors(received, lambda t: t.to(transport.device)))
-        return [merged[m] for m in sorted(merged)]
-
-    def _send_bytes(self, payload: bytes, peer: int) -> None:
-        data = torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(self.transport.device)
-        size = torch.tensor([data.numel()], dtype=torch.int64, device=self.transport.device)
-        what = "the loss reports of this step"
-        for tensor in (size, data):
-            for work in self.transport.start([P2P(True, tensor, peer, Channel.GRADIENT, what)]):
-                work.wait(self.executor.timeout_s)
-
-    def _recv_bytes(self, peer: int) -> bytes:
-        what = "the loss reports of this step"
-        size = torch.zeros(1, dtype=torch.int64, device=self.transport.device)
-        for work in self.transport.start([P2P(False, size, peer, Channel.GRADIENT, what)]):
-            work.wait(self.executor.timeout_s)
-        data = torch.empty(int(size.item()), dtype=torch.uint8, device=self.transport.device)
-        for work in self.transport.start([P2P(False, data, peer, Channel.GRADIENT, what)]):
-            work.wait(self.executor.timeout_s)
-        return data.cpu().numpy().tobytes()
+        gathered = self.executor.collect_to(reports, to=self.transport.size - 1, what="the loss reports of this step")
+        return [] if gathered is None else list(gathered.values())
 
     # -- one step --------------------------------------------------------------------------------
     def step(self, *, forward_step_func, data_iterator, num_microbatches: int, forward_only: bool,
@@ -396,22 +344,33 @@ def _cp_size() -> int:
 
 
 class PipelineScheduleFunction:
-    """A Megatron forward-backward function (keyword signature of Megatron's schedules) for ``schedule``.
+    """A Megatron forward-backward function (keyword signature of Megatron's schedules) for one schedule.
 
-    The runtime objects of a model (transport groups, executor, W-split binding) are made on its first
-    call and kept for the model's lifetime, keyed by its first chunk. The first call is collective over the
-    WORLD group (every process lists the pipelines), as Megatron's training loop calls its schedule on
-    every rank.
+    ``schedule`` is a name, a spec or ready :class:`~dualpipe_plugin.runtime.options.PipelineOptions`;
+    ``option_values`` are further option fields. A model configured with
+    :func:`~dualpipe_plugin.megatron.configure_model_config` for the same schedule brings its own options
+    (``config.pipeline_options``), which then win. The runtime objects of a model (transport groups,
+    executor, W-split binding) are made on its first call and kept for the model's lifetime, keyed by its
+    first chunk. The first call is collective over the WORLD group (every process lists the pipelines), as
+    Megatron's training loop calls its schedule on every rank.
     """
 
-    def __init__(self, schedule: str, *, timeout_s: float = 300.0, split_weights: bool = True):
-        build_schedule(schedule, 1 if schedule != "dualpipe" else 2, 4)  # the name is known
-        self.schedule = schedule.lower()
-        self.timeout_s = timeout_s
-        self.split_weights = split_weights
+    def __init__(self, schedule: str | ScheduleSpec | PipelineOptions, **option_values: Any):
+        if isinstance(schedule, PipelineOptions):
+            self.options = schedule.replace(**option_values) if option_values else schedule
+        else:
+            self.options = options_for(schedule, **option_values)
         self._pipelines: "weakref.WeakKeyDictionary[Any, tuple[tuple[int, ...], _MegatronPipeline]]" = (
             weakref.WeakKeyDictionary()
         )
+
+    @property
+    def spec(self) -> ScheduleSpec:
+        return self.options.schedule
+
+    @property
+    def schedule(self) -> str:
+        return self.spec.name
 
     def __repr__(self) -> str:
         return f"PipelineScheduleFunction({self.schedule!r})"
@@ -448,7 +407,7 @@ class PipelineScheduleFunction:
 
     def _check_microbatches(self, num_microbatches: int, pp_size: int) -> None:
         try:
-            build_schedule(self.schedule, pp_size, num_microbatches)
+            self.spec.check(pp_size, num_microbatches)
         except ScheduleConfigError as error:
             raise MegatronScheduleError(
                 f"{error}. With Megatron, micro-batches per step = global_batch_size / (micro_batch_size x "
@@ -465,13 +424,15 @@ class PipelineScheduleFunction:
         if entry is not None and entry[0] == key:
             return entry[1]
         config = get_model_config(chunks[0])
-        check_model_config(config, self.schedule)
-        configured = getattr(config, "pipeline_schedule", None)
-        if self.schedule in ("dualpipe", "dualpipev") and configured != self.schedule:
+        check_model_config(config, self.spec)
+        configured = getattr(config, "pipeline_options", None)
+        if configured is not None and configured.schedule is not self.spec:
+            configured = None
+        if places_chunks(self.spec) and configured is None:
             raise MegatronScheduleError(
                 f"the model was not built for {self.schedule}: call dualpipe_plugin.megatron.configure_model_config"
                 f"(config, {self.schedule!r}) and build it with build_model_chunks (config.pipeline_schedule="
-                f"{configured!r})"
+                f"{getattr(config, 'pipeline_schedule', None)!r})"
             )
         if pg_collection is not None:
             pp_group = pg_collection.pp
@@ -481,7 +442,6 @@ class PipelineScheduleFunction:
             pp_group = parallel_state.get_pipeline_model_parallel_group()
         if entry is not None:
             entry[1].close()
-        pipeline = _MegatronPipeline(self.schedule, list(chunks), config, pp_group, timeout_s=self.timeout_s,
-                                     split_weights=self.split_weights)
+        pipeline = _MegatronPipeline(configured or self.options, list(chunks), config, pp_group)
         self._pipelines[chunks[0]] = (key, pipeline)
         return pipeline

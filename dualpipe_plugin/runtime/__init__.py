@@ -1,9 +1,12 @@
 """The runtime: executes any schedule of :mod:`dualpipe_plugin.schedules` on ``torch.distributed``.
 
-Standalone entry points are re-exported here; the framework adapters use :class:`PipelineExecutor`.
+Standalone entry points are re-exported here; the framework adapters use :class:`PipelineExecutor` with
+one :class:`PipelineOptions`. The errors and the options import without torch (the adapters' argument
+parsers use them before any model exists); everything else loads on first use.
 """
 
-from dualpipe_plugin.runtime.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from importlib import import_module
+
 from dualpipe_plugin.runtime.errors import (
     NonFiniteLossError,
     PipelineConfigError,
@@ -11,13 +14,25 @@ from dualpipe_plugin.runtime.errors import (
     PipelineRuntimeError,
     PipelineTimeoutError,
 )
-from dualpipe_plugin.runtime.executor import PipelineExecutor, StageHooks, StepOutcome
-from dualpipe_plugin.runtime.pipeline import DualPipeline, StepResult, split_stages, stage_modules
-from dualpipe_plugin.runtime.transport import Channel, TorchTransport, Transport, new_pipeline_groups
+from dualpipe_plugin.runtime.options import DEFAULT_TIMEOUT_S, PipelineOptions
 
-__all__ = [
-    "Channel", "CheckpointError", "NonFiniteLossError", "DualPipeline", "PipelineConfigError", "PipelineExecutor", "PipelinePeerError",
-    "PipelineRuntimeError", "PipelineTimeoutError", "StageHooks", "StepOutcome", "StepResult", "TorchTransport",
-    "Transport", "latest_checkpoint", "load_checkpoint", "new_pipeline_groups", "save_checkpoint", "split_stages",
-    "stage_modules",
-]
+_LAZY = {
+    "CheckpointError": "checkpoint", "latest_checkpoint": "checkpoint", "load_checkpoint": "checkpoint",
+    "save_checkpoint": "checkpoint",
+    "PipelineExecutor": "executor", "StageHooks": "executor", "StepOutcome": "executor",
+    "DualPipeline": "pipeline", "StepResult": "pipeline", "split_stages": "pipeline", "stage_modules": "pipeline",
+    "Channel": "transport", "TorchTransport": "transport", "Transport": "transport",
+    "new_pipeline_groups": "transport",
+}
+
+__all__ = sorted([
+    "DEFAULT_TIMEOUT_S", "NonFiniteLossError", "PipelineConfigError", "PipelineOptions", "PipelinePeerError",
+    "PipelineRuntimeError", "PipelineTimeoutError", *_LAZY,
+])
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f"{__name__}.{module}"), name)

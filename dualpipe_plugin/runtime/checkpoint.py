@@ -71,7 +71,7 @@ def save_checkpoint(
     _barrier(pipe)
     if rank == 0:
         meta = {
-            "format": _FORMAT, "schedule": pipe.executor.schedule_name, "ranks": placement.num_ranks,
+            "format": _FORMAT, "schedule": pipe.executor.spec.name, "ranks": placement.num_ranks,
             "stages": placement.num_stages, "step": step, "optimizer": optimizer is not None, "extra": extra or {},
         }
         tmp = path / "meta.json.tmp"
@@ -116,7 +116,7 @@ def load_checkpoint(
     if meta["stages"] != placement.num_stages:
         raise CheckpointError(
             f"checkpoint {path} has {meta['stages']} pipeline stages ({meta['schedule']} on {meta['ranks']} ranks) "
-            f"but this pipeline has {placement.num_stages} ({pipe.executor.schedule_name} on {placement.num_ranks} "
+            f"but this pipeline has {placement.num_stages} ({pipe.executor.spec.name} on {placement.num_ranks} "
             f"ranks); resume with the same stage count (model slices only match stage for stage)"
         )
     for chunk, module in enumerate(pipe.chunks):
@@ -129,10 +129,10 @@ def load_checkpoint(
     if optimizer is not None:
         if not meta["optimizer"]:
             raise CheckpointError(f"checkpoint {path} holds no optimizer state; load without optimizer=")
-        if meta["ranks"] != placement.num_ranks or meta["schedule"] != pipe.executor.schedule_name:
+        if meta["ranks"] != placement.num_ranks or meta["schedule"] != pipe.executor.spec.name:
             raise CheckpointError(
                 f"optimizer state in {path} was written by {meta['schedule']} on {meta['ranks']} ranks; this job runs "
-                f"{pipe.executor.schedule_name} on {placement.num_ranks}: optimizer state is per rank and does not move "
+                f"{pipe.executor.spec.name} on {placement.num_ranks}: optimizer state is per rank and does not move "
                 f"between layouts (load the model only and start the optimizer fresh)"
             )
         optimizer.load_state_dict(_load_file(path / f"optim_rank_{pipe.rank:03d}.pt")["state"])

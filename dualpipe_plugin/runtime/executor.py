@@ -20,9 +20,10 @@ Megatron pull from their data iterators.
 from __future__ import annotations
 
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -30,11 +31,15 @@ from torch.autograd.profiler import record_function
 
 from dualpipe_plugin.runtime.comm import StepComm
 from dualpipe_plugin.runtime.errors import PipelineConfigError
+from dualpipe_plugin.runtime.losses import collect_to, total_loss
 from dualpipe_plugin.runtime.meta import TensorMeta
 from dualpipe_plugin.runtime.mirror import sync_mirrored_grads
+from dualpipe_plugin.runtime.options import PipelineOptions
+from dualpipe_plugin.runtime.overlap import OverlapFallbackWarning, overlap_engine_for
+from dualpipe_plugin.runtime.staged import StagedChunk
 from dualpipe_plugin.runtime.transport import Transport
-from dualpipe_plugin.runtime.weight_grad import WeightGradStore, bind_weight_split
-from dualpipe_plugin.schedules import Action, Op, OpKind, Pair, Schedule, build_schedule, op_io, validate
+from dualpipe_plugin.runtime.weight_grad import WeightGradStore, WeightSplitter, bind_weight_split
+from dualpipe_plugin.schedules import Action, Op, OpKind, Pair, Schedule, op_io, validate
 from dualpipe_plugin.schedules.lowering import OpIO
 from dualpipe_plugin.schedules.grid import format_grid
 
@@ -116,49 +121,49 @@ def _as_tuple(value: Any) -> tuple[torch.Tensor, ...]:
 
 
 class PipelineExecutor:
-    """Runs a named schedule on this rank's chunks over a :class:`Transport`.
+    """Runs ``options.schedule`` on this rank's chunks over a :class:`Transport`.
 
     ``chunks[c]`` is the module this rank runs as chunk ``c`` (see the schedule's placement: two chunks
-    for dualpipe/dualpipev, one for 1f1b/zb1p). The executor binds the B/W split to their Linear layers
-    (``split_weights``) and keeps one schedule per micro-batch count.
+    for dualpipe/dualpipev/zbv, one for 1f1b/zb1p). With ``options.split_weights`` the executor binds the
+    B/W split to their layers: every ``nn.Linear`` (:func:`bind_weight_split`) plus whatever
+    ``weight_splitters`` bind (an adapter's own linear layers). It keeps one schedule per micro-batch count.
     """
 
     def __init__(
         self,
-        schedule: str,
         chunks: Sequence[nn.Module],
         transport: Transport,
+        options: PipelineOptions,
         *,
-        timeout_s: float = 300.0,
-        split_weights: bool = True,
         lookahead: int = 1,
-        shapes_per_microbatch: bool = False,
-        overlap: OverlapEngine | None = None,
         mirror_sync: Callable[["PipelineExecutor"], None] | None = None,
+        weight_splitters: Sequence[WeightSplitter] = (),
+        overlap_advice: str = "",
     ):
-        self.schedule_name = schedule
+        self.options = options
+        self.spec = options.schedule
         self.transport = transport
         self.rank = transport.rank
         self.chunks = list(chunks)
-        self.timeout_s = timeout_s
         self.lookahead = lookahead
-        self.shapes_per_microbatch = shapes_per_microbatch
-        self.overlap = overlap
         self._schedules: dict[int, Schedule] = {}
         self._io_tables: dict[int, dict[Op, OpIO]] = {}
         self._op_io: dict[Op, OpIO] = {}
-        # Any valid micro-batch count gives the placement, which does not depend on it.
-        placement = self._schedule_for(2 * transport.size if schedule.startswith("dualpipe") else 1).placement
-        self.placement = placement
+        self.placement = self.spec.placement(transport.size)
+        placement = self.placement
         if len(self.chunks) != placement.num_chunks:
             raise PipelineConfigError(
-                f"schedule {schedule!r} runs {placement.num_chunks} chunk(s) per rank, got {len(self.chunks)}; "
-                + ("pass [stage r, stage 2P-1-r] for dualpipev or [stage r, stage P-1-r] for dualpipe"
-                   if placement.num_chunks == 2 else "pass the one stage this rank holds")
+                f"schedule {self.spec.name!r} runs {placement.num_chunks} chunk(s) per rank, got {len(self.chunks)}; "
+                + ("pass [stage r, stage 2P-1-r] for a V or [stage r, stage P-1-r] for dualpipe (stage_modules "
+                   "gives them)" if placement.num_chunks == 2 else "pass the one stage this rank holds")
             )
         self._check_devices()
         self.store = WeightGradStore()
-        self._split_binding = bind_weight_split(self.chunks, self.store) if split_weights else None
+        self._split_bindings = (
+            [bind(self.chunks, self.store) for bind in (bind_weight_split, *weight_splitters)]
+            if options.split_weights else []
+        )
+        self.overlap: OverlapEngine | None = self._overlap_engine(overlap_advice)
         self.mirror_sync = mirror_sync if mirror_sync is not None else sync_mirrored_grads
         # Per-step state, reset by run().
         self._hooks: StageHooks | None = None
@@ -173,6 +178,16 @@ class PipelineExecutor:
         self._loss_divisor = 1.0
         self._pair_counted = False
 
+    @property
+    def timeout_s(self) -> float:
+        return self.options.timeout_s
+
+    @property
+    def split_bindings(self) -> tuple:
+        """The B/W split's bindings (one per splitter; empty without ``split_weights``): each has
+        ``num_split_linears`` and ``unbind()``."""
+        return tuple(self._split_bindings)
+
     # -- set-up ----------------------------------------------------------------------------------
     def _check_devices(self) -> None:
         device = self.transport.device
@@ -184,20 +199,57 @@ class PipelineExecutor:
                         f"communicates on {device}; move the chunk with .to({str(device)!r})"
                     )
 
-    def _schedule_for(self, num_microbatches: int) -> Schedule:
+    def _overlap_engine(self, advice: str) -> OverlapEngine | None:
+        """The one place the overlap decision is made (see :attr:`PipelineOptions.overlap`)."""
+        wanted = self.options.overlap
+        if wanted is False or not self.spec.runs_pairs:
+            return None
+        engine = overlap_engine_for(self.chunks, warn=False)
+        if engine is None and wanted is True and self.rank == 0:
+            plain = [f"{index} ({type(chunk).__name__})" for index, chunk in enumerate(self.chunks)
+                     if not isinstance(chunk, StagedChunk)]
+            warnings.warn(
+                f"overlap requested but chunk(s) {', '.join(plain)} are not StagedChunks (the overlap protocol, "
+                f"see dualpipe_plugin.runtime.staged): F&B pairs will run sequentially. "
+                + (advice or "Build the chunks with StagedChunk(parts) to overlap, or turn overlap off to "
+                   "silence this."),
+                OverlapFallbackWarning,
+                stacklevel=4,
+            )
+        return engine
+
+    def schedule_for(self, num_microbatches: int) -> Schedule:
+        """The schedule of a step with ``num_microbatches`` micro-batches (built and validated once; a
+        count the schedule cannot run raises :class:`~dualpipe_plugin.schedules.ScheduleConfigError`)."""
         schedule = self._schedules.get(num_microbatches)
         if schedule is None:
-            schedule = build_schedule(self.schedule_name, self.transport.size, num_microbatches)
+            schedule = self.spec.build(self.transport.size, num_microbatches)
             validate(schedule)
             self._schedules[num_microbatches] = schedule
             self._io_tables[num_microbatches] = {op: op_io(schedule, self.rank, op) for op in schedule.ops(self.rank)}
         return schedule
 
+    # -- who holds the losses, and moving them ----------------------------------------------------
+    @property
+    def loss_ranks(self) -> tuple[int, ...]:
+        """Pipeline ranks that compute losses (they hold a route's last stage)."""
+        return self.placement.last_stage_ranks()
+
+    def collect_to(self, values: Mapping[int, Any], *, to: int, what: str = "the losses of this step"):
+        """Per-micro-batch ``values`` of every loss rank, merged on pipeline rank ``to`` (None elsewhere);
+        see :func:`dualpipe_plugin.runtime.losses.collect_to`. Every pipeline rank calls it."""
+        return collect_to(self.transport, values, to=to, senders=self.loss_ranks, timeout_s=self.timeout_s,
+                          what=what)
+
+    def total_loss(self, losses: Mapping[int, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        """(sum of all ranks' micro-batch losses, number of non-finite ones) on every rank."""
+        return total_loss(self.transport, losses, timeout_s=self.timeout_s)
+
     def close(self) -> None:
-        """Restore the chunks' Linear layers (undo the B/W split binding)."""
-        if self._split_binding is not None:
-            self._split_binding.unbind()
-            self._split_binding = None
+        """Restore the chunks' layers (undo the B/W split bindings)."""
+        for binding in reversed(self._split_bindings):
+            binding.unbind()
+        self._split_bindings = []
 
     # -- one step --------------------------------------------------------------------------------
     def run(
@@ -215,7 +267,7 @@ class PipelineExecutor:
         Each micro-batch's loss is back-propagated as ``loss / loss_divisor`` (pass the micro-batch
         count for the gradient of the mean loss); the reported losses are not divided.
         """
-        schedule = self._schedule_for(num_microbatches)
+        schedule = self.schedule_for(num_microbatches)
         self._schedule, self._hooks = schedule, hooks
         self._op_io = self._io_tables[num_microbatches]
         self._forward_only, self._return_outputs = forward_only, return_outputs
@@ -225,7 +277,7 @@ class PipelineExecutor:
         self.store.clear()
         self._outcome = StepOutcome()
         self._live = 0
-        self._comm = StepComm(self.transport, self.timeout_s, self._gradient_metas, self.shapes_per_microbatch)
+        self._comm = StepComm(self.transport, self.timeout_s, self._gradient_metas, self.options.shapes_per_microbatch)
         actions = [a for a in schedule.actions[self.rank] if not forward_only or self._has_forward(a)]
         plan = [self._io(action) for action in actions]
         t0 = time.perf_counter()
@@ -390,7 +442,7 @@ class PipelineExecutor:
 
     def _run_backward(self, op: Op) -> None:
         stash, grads = self.backward_grads(op)
-        split = op.kind is OpKind.I and self._split_binding is not None
+        split = op.kind is OpKind.I and bool(self._split_bindings)
         with self.store.capture(op.key) if split else nullcontext():
             if stash.roots:
                 torch.autograd.backward(stash.roots, grads)

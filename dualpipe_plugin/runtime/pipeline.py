@@ -17,7 +17,7 @@ the default) or of the plain sum (``"sum"``, DeepSeek's convention).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -25,8 +25,9 @@ from torch import nn
 
 from dualpipe_plugin.runtime.errors import NonFiniteLossError, PipelineConfigError
 from dualpipe_plugin.runtime.executor import PipelineExecutor, StepOutcome
+from dualpipe_plugin.runtime.options import LOSS_REDUCTIONS, PipelineOptions
 from dualpipe_plugin.runtime.transport import TorchTransport, Transport
-from dualpipe_plugin.schedules import Action, build_schedule
+from dualpipe_plugin.schedules import Action, ScheduleSpec, get_schedule
 
 __all__ = ["DualPipeline", "StepResult", "stage_modules", "split_stages"]
 
@@ -48,9 +49,16 @@ def split_stages(layers: Sequence[nn.Module], num_stages: int) -> list[list[nn.M
     return parts
 
 
-def stage_modules(layers: Sequence[nn.Module], schedule: str, num_ranks: int, rank: int) -> list[nn.Module]:
+def stage_modules(
+    layers: Sequence[nn.Module], schedule: str | ScheduleSpec, num_ranks: int, rank: int
+) -> list[nn.Module]:
     """This rank's chunks (in chunk order) of a model given as a layer list, for ``schedule``."""
-    placement = build_schedule(schedule, num_ranks, 2 * num_ranks).placement
+    placement = get_schedule(schedule).placement(num_ranks)
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < num_ranks:
+        raise PipelineConfigError(
+            f"rank={rank!r} is not a pipeline rank of {num_ranks}; pass this process's position in the "
+            f"pipeline, 0..{num_ranks - 1}"
+        )
     parts = split_stages(layers, placement.num_stages)
     return [nn.Sequential(*parts[placement.stage(rank, chunk)]) for chunk in range(placement.num_chunks)]
 
@@ -94,30 +102,31 @@ class _TensorHooks:
 
 
 class DualPipeline:
-    """A pipeline rank running ``schedule`` on ``chunks`` over ``transport`` (default: the WORLD group).
+    """A pipeline rank running a schedule on ``chunks`` over ``transport`` (default: the WORLD group).
 
-    Options: ``overlap`` (None: F&B pairs go through the overlap engine whenever the chunks implement the
-    protocol of :mod:`~dualpipe_plugin.runtime.staged`; True: the same, with a warning if they do not;
-    False: always sequential),
-    ``split_weights`` (the B/W split), ``timeout_s`` (every communication wait), ``shapes_per_microbatch``,
-    ``detect_nonfinite`` (after every step, raise :class:`NonFiniteLossError` on every rank if any
-    micro-batch loss is NaN or infinite; costs one tiny all-reduce, which ``reduce_loss`` already does).
+    ``schedule`` is a registered name (``"dualpipev"`` when neither it nor ``options`` is given) or a
+    :class:`~dualpipe_plugin.schedules.ScheduleSpec`. The other options are the fields of
+    :class:`~dualpipe_plugin.runtime.options.PipelineOptions`, given as keywords (``overlap``,
+    ``split_weights``, ``timeout_s``, ``shapes_per_microbatch``, ``loss_reduction``, ``detect_nonfinite``)
+    or as one ``options`` object, not both.
     """
 
     def __init__(
         self,
         chunks: Sequence[nn.Module],
-        schedule: str = "dualpipev",
+        schedule: str | ScheduleSpec | None = None,
         *,
         loss_fn: Callable[..., torch.Tensor] | None = None,
         transport: Transport | None = None,
-        overlap: bool | None = None,
-        split_weights: bool = True,
-        timeout_s: float = 300.0,
-        shapes_per_microbatch: bool = False,
-        detect_nonfinite: bool = False,
+        options: PipelineOptions | None = None,
+        **option_values: Any,
     ):
-        self.detect_nonfinite = detect_nonfinite
+        if options is None:
+            options = PipelineOptions.from_values({"schedule": schedule or "dualpipev", **option_values})
+        elif schedule is not None or option_values:
+            raise PipelineConfigError(
+                "pass the schedule and options either as one PipelineOptions (options=) or as keywords, not both"
+            )
         if transport is None:
             if not dist.is_initialized():
                 raise PipelineConfigError(
@@ -125,29 +134,25 @@ class DualPipeline:
                     "(gloo on CPU, nccl on GPU) or pass a transport"
                 )
             transport = TorchTransport(list(range(dist.get_world_size())))
+        self.options = options
         self.chunks = list(chunks)
         self.loss_fn = loss_fn
-        engine = None
-        if overlap is not False:
-            from dualpipe_plugin.runtime.overlap import overlap_engine_for
-
-            # None (the default): overlap whenever the chunks support it, silently; True: warn if they don't.
-            engine = overlap_engine_for(self.chunks, warn=overlap is True)
-        self.executor = PipelineExecutor(
-            schedule, self.chunks, transport, timeout_s=timeout_s, split_weights=split_weights,
-            shapes_per_microbatch=shapes_per_microbatch, overlap=engine,
-        )
+        self.executor = PipelineExecutor(self.chunks, transport, options)
         self.placement = self.executor.placement
+
+    @property
+    def detect_nonfinite(self) -> bool:
+        return self.options.detect_nonfinite
 
     @property
     def rank(self) -> int:
         return self.executor.rank
 
     def needs_inputs(self) -> bool:
-        return any(self.placement.is_first(self.rank, c) for c in range(self.placement.num_chunks))
+        return self.placement.holds_first_stage(self.rank)
 
     def needs_labels(self) -> bool:
-        return any(self.placement.is_last(self.rank, c) for c in range(self.placement.num_chunks))
+        return self.placement.holds_last_stage(self.rank)
 
     def step(
         self,
@@ -156,14 +161,18 @@ class DualPipeline:
         *,
         num_microbatches: int,
         loss_fn: Callable[..., torch.Tensor] | None = None,
-        loss_reduction: str = "mean",
+        loss_reduction: str | None = None,
         forward_only: bool = False,
         return_outputs: bool = False,
         reduce_loss: bool = True,
         record: bool = False,
     ) -> StepResult:
-        """One training (or, with ``forward_only``, evaluation) step; gradients land in ``.grad``."""
-        if loss_reduction not in ("mean", "sum"):
+        """One training (or, with ``forward_only``, evaluation) step; gradients land in ``.grad``.
+
+        ``loss_reduction`` overrides the pipeline's option for this step."""
+        if loss_reduction is None:
+            loss_reduction = self.options.loss_reduction
+        if loss_reduction not in LOSS_REDUCTIONS:
             raise PipelineConfigError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
         loss_fn = loss_fn or self.loss_fn
         if loss_fn is None and not forward_only:
@@ -176,7 +185,7 @@ class DualPipeline:
             )
         # The schedule judges the micro-batch count first (a clear ScheduleConfigError for 0 or -1,
         # rather than a modulo by zero while splitting the batch).
-        self.executor._schedule_for(num_microbatches)
+        self.executor.schedule_for(num_microbatches)
         split_inputs = _split(inputs, num_microbatches, "input") if inputs is not None else None
         split_labels = _split(labels, num_microbatches, "label") if labels is not None else None
         hooks = _TensorHooks(self, split_inputs, split_labels, loss_fn if labels is not None else None)
@@ -195,25 +204,22 @@ class DualPipeline:
 
     def _total_loss(self, outcome: StepOutcome, divisor: float, reduce_loss: bool) -> torch.Tensor | None:
         bad_here = sorted(g for g, value in outcome.losses.items() if not torch.isfinite(value).all())
-        # [sum of losses, count of non-finite ones]: one all-reduce decides the same on every rank.
-        local = torch.zeros(2, dtype=torch.float64)
-        for value in outcome.losses.values():
-            local[0] += value.double().cpu()
-        local[1] = len(bad_here)
         if reduce_loss:
-            total = local.to(self.executor.transport.device)
-            self.executor.transport.all_reduce_sum(total)
-            local = total.cpu()
+            # One all-reduce of [sum, count of non-finite losses] decides the same on every rank.
+            total, bad = self.executor.total_loss(outcome.losses)
         elif not outcome.losses:
             return None
-        if self.detect_nonfinite and local[1] > 0:
+        else:
+            total = sum((value.double().cpu() for value in outcome.losses.values()), torch.zeros((), dtype=torch.float64))
+            bad = len(bad_here)
+        if self.detect_nonfinite and bad > 0:
             raise NonFiniteLossError(
-                f"pipeline rank {self.rank}: {int(local[1])} micro-batch loss(es) of this step are NaN or infinite"
+                f"pipeline rank {self.rank}: {bad} micro-batch loss(es) of this step are NaN or infinite"
                 + (f" (on this rank: micro-batches {bad_here})" if bad_here else "")
                 + "; the step's gradients are not usable: zero them and skip the optimizer step, then lower the "
                 "learning rate or check the data"
             )
-        return (local[0] / divisor).float()
+        return (total / divisor).float()
 
     def close(self) -> None:
         self.executor.close()

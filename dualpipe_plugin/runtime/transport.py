@@ -64,7 +64,7 @@ class Transport(Protocol):
         """Launch ``ops`` together; return one handle per op, in order."""
         ...
 
-    def all_reduce_sum(self, tensor: torch.Tensor) -> None:
+    def all_reduce_sum(self, tensor: torch.Tensor, *, what: str = "a collective", timeout_s: float | None = None) -> None:
         """In-place sum over the pipeline ranks (used for reporting the step's loss)."""
         ...
 
@@ -174,5 +174,5 @@ class TorchTransport:
             handles.append(_TorchWork(work, op, self.rank, self.ranks[op.peer]))
         return handles
 
-    def all_reduce_sum(self, tensor: torch.Tensor) -> None:
+    def all_reduce_sum(self, tensor: torch.Tensor, *, what: str = "a collective", timeout_s: float | None = None) -> None:
         dist.all_reduce(tensor, group=self.groups[Channel.GRADIENT])

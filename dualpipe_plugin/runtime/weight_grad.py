@@ -25,13 +25,15 @@ Which layers split:
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["WeightGradStore", "bind_weight_split", "WeightSplitBinding", "accumulate_weight_grads"]
+__all__ = [
+    "WeightGradStore", "WeightSplitter", "bind_weight_split", "WeightSplitBinding", "accumulate_weight_grads",
+]
 
 GradClosure = Callable[[], list[tuple[torch.Tensor, torch.Tensor]]]
 """Computes [(parameter, gradient), ...] for one layer."""
@@ -150,6 +152,15 @@ def _split_linear_forward(module: nn.Linear, store: WeightGradStore):
         return _SplitLinear.apply(x, anchor, (weight, bias), store)
 
     return forward
+
+
+class _Binding(Protocol):
+    def unbind(self) -> None: ...
+
+
+WeightSplitter = Callable[[Iterable[nn.Module], "WeightGradStore"], _Binding]
+"""Binds some layers of the chunks to a store and returns an undo handle: :func:`bind_weight_split` for
+``nn.Linear``; adapters add their own (Megatron's parallel linears) through the executor."""
 
 
 class WeightSplitBinding:

@@ -16,12 +16,14 @@ from dualpipe_plugin.schedules.errors import (
 )
 from dualpipe_plugin.schedules.ir import Action, Op, OpKind, Pair, Placement, Schedule, parse_action, parse_ranks
 from dualpipe_plugin.schedules.lowering import Payload, Transfer, lower, op_io
-from dualpipe_plugin.schedules.registry import SCHEDULES, build_schedule, schedule_names
+from dualpipe_plugin.schedules.registry import SCHEDULES, build_schedule, get_schedule, schedule_names
+from dualpipe_plugin.schedules.spec import Constraints, ScheduleSpec
 from dualpipe_plugin.schedules.simulate import SimResult, Span, simulate
 from dualpipe_plugin.schedules.validate import validate
 
 __all__ = [
     "Action",
+    "Constraints",
     "CostModel",
     "CostModelError",
     "Op",
@@ -35,10 +37,12 @@ __all__ = [
     "ScheduleError",
     "ScheduleInvalidError",
     "ScheduleParseError",
+    "ScheduleSpec",
     "SimResult",
     "Span",
     "Transfer",
     "build_schedule",
+    "get_schedule",
     "lower",
     "op_io",
     "parse_action",

@@ -25,11 +25,11 @@ The phases for a rank h of n, with k micro-batches per chunk (``phase`` 0 is the
 
 from __future__ import annotations
 
-from dualpipe_plugin.schedules.errors import ScheduleConfigError
 from dualpipe_plugin.schedules.ir import Placement, Schedule
 from dualpipe_plugin.schedules.program import RankProgram
+from dualpipe_plugin.schedules.spec import Constraints, ScheduleSpec
 
-__all__ = ["dualpipe", "dualpipev", "dualpipe_placement", "dualpipev_placement"]
+__all__ = ["DUALPIPE", "DUALPIPEV", "dualpipe", "dualpipev", "dualpipe_placement", "dualpipev_placement"]
 
 
 def _eight_phase_program(n: int, h: int, per_chunk: int, chunk_of_phase: tuple[int, int]) -> RankProgram:
@@ -74,26 +74,6 @@ def _eight_phase_program(n: int, h: int, per_chunk: int, chunk_of_phase: tuple[i
     return program
 
 
-def _check(name: str, num_ranks: int, num_microbatches: int) -> None:
-    if num_ranks < 1:
-        raise ScheduleConfigError(f"{name} needs at least 1 pipeline rank, got ranks={num_ranks}")
-    if name == "dualpipe" and num_ranks % 2:
-        raise ScheduleConfigError(
-            f"dualpipe needs an even number of pipeline ranks (each rank pairs with rank P-1-r), got "
-            f"ranks={num_ranks}; use an even pipeline size or the 'dualpipev' schedule, which takes any"
-        )
-    if name == "dualpipe" and num_microbatches % 2:
-        raise ScheduleConfigError(
-            f"dualpipe feeds half the micro-batches from each end, so their number must be even, got "
-            f"microbatches={num_microbatches}; use {num_microbatches + 1}"
-        )
-    if num_microbatches < 2 * num_ranks:
-        raise ScheduleConfigError(
-            f"{name} needs at least 2 x ranks = {2 * num_ranks} micro-batches to fill its pipeline, got "
-            f"microbatches={num_microbatches}; raise the micro-batch count (gradient accumulation steps)"
-        )
-
-
 def dualpipe_placement(num_ranks: int) -> Placement:
     """Direction 0 visits ranks 0..P-1 as chunk 0; direction 1 visits P-1..0 as chunk 1."""
     forward = tuple((rank, 0) for rank in range(num_ranks))
@@ -108,9 +88,7 @@ def dualpipev_placement(num_ranks: int) -> Placement:
     return Placement(num_ranks, (down + up,))
 
 
-def dualpipe(num_ranks: int, num_microbatches: int) -> Schedule:
-    """DualPipe over ``num_ranks`` (even) ranks and ``num_microbatches`` in total (even, >= 2P)."""
-    _check("dualpipe", num_ranks, num_microbatches)
+def _dualpipe_rows(num_ranks: int, num_microbatches: int) -> Schedule:
     half = num_ranks // 2
     rows = []
     for rank in range(num_ranks):
@@ -122,11 +100,41 @@ def dualpipe(num_ranks: int, num_microbatches: int) -> Schedule:
     return Schedule("dualpipe", dualpipe_placement(num_ranks), num_microbatches, tuple(rows))
 
 
-def dualpipev(num_ranks: int, num_microbatches: int) -> Schedule:
-    """DualPipeV over ``num_ranks`` ranks (2P stages) and ``num_microbatches`` (>= 2P, odd allowed)."""
-    _check("dualpipev", num_ranks, num_microbatches)
+def _dualpipev_rows(num_ranks: int, num_microbatches: int) -> Schedule:
     rows = tuple(
         tuple(_eight_phase_program(num_ranks, rank, num_microbatches, (0, 1)).actions)
         for rank in range(num_ranks)
     )
     return Schedule("dualpipev", dualpipev_placement(num_ranks), num_microbatches, rows)
+
+
+DUALPIPE = ScheduleSpec(
+    name="dualpipe",
+    summary="bidirectional: P stages held twice (rank r: stage r and a mirrored P-1-r), F&B pairs",
+    generate=_dualpipe_rows,
+    place=dualpipe_placement,
+    constraints=Constraints(
+        microbatches_per_rank=2,
+        even_ranks="each rank pairs with rank P-1-r; use an even pipeline size or the 'dualpipev' schedule, "
+        "which takes any",
+        even_microbatches="feeds half the micro-batches from each end",
+    ),
+)
+
+DUALPIPEV = ScheduleSpec(
+    name="dualpipev",
+    summary="DualPipe cut in half: 2P stages in a V (rank r: stages r and 2P-1-r), F&B pairs",
+    generate=_dualpipev_rows,
+    place=dualpipev_placement,
+    constraints=Constraints(microbatches_per_rank=2),
+)
+
+
+def dualpipe(num_ranks: int, num_microbatches: int) -> Schedule:
+    """DualPipe over ``num_ranks`` (even) ranks and ``num_microbatches`` in total (even, >= 2P)."""
+    return DUALPIPE.build(num_ranks, num_microbatches)
+
+
+def dualpipev(num_ranks: int, num_microbatches: int) -> Schedule:
+    """DualPipeV over ``num_ranks`` ranks (2P stages) and ``num_microbatches`` (>= 2P, odd allowed)."""
+    return DUALPIPEV.build(num_ranks, num_microbatches)

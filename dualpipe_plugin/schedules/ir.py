@@ -178,6 +178,18 @@ class Placement:
     def is_last(self, rank: int, chunk: int) -> bool:
         return self.next_hop(rank, chunk) is None
 
+    def holds_first_stage(self, rank: int) -> bool:
+        """True when ``rank`` holds the first stage of some route (it needs the inputs)."""
+        return any(route[0][0] == rank for route in self.routes)
+
+    def holds_last_stage(self, rank: int) -> bool:
+        """True when ``rank`` holds the last stage of some route (it computes losses)."""
+        return any(route[-1][0] == rank for route in self.routes)
+
+    def last_stage_ranks(self) -> tuple[int, ...]:
+        """The ranks that compute losses, ascending (P-1; 0 for a V; 0 and P-1 for DualPipe)."""
+        return tuple(sorted({route[-1][0] for route in self.routes}))
+
     def mirror_of(self, rank: int, chunk: int) -> tuple[int, int] | None:
         """For a mirrored placement, the other (rank, chunk) holding the same stage."""
         if not self.mirrored:

@@ -11,23 +11,16 @@ like 1F1B, and the bubble is (P-1)(F+B-2W) against 1F1B's (P-1)(F+B).
 
 from __future__ import annotations
 
-from dualpipe_plugin.schedules.errors import ScheduleConfigError
 from dualpipe_plugin.schedules.ir import Placement, Schedule
 from dualpipe_plugin.schedules.program import RankProgram
+from dualpipe_plugin.schedules.spec import ScheduleSpec
 
-__all__ = ["one_f_one_b", "zb1p", "linear_placement"]
+__all__ = ["ONE_F_ONE_B", "ZB1P", "one_f_one_b", "zb1p", "linear_placement"]
 
 
 def linear_placement(num_ranks: int) -> Placement:
     """Stage r on rank r."""
     return Placement(num_ranks, (tuple((rank, 0) for rank in range(num_ranks)),))
-
-
-def _check(name: str, num_ranks: int, num_microbatches: int) -> None:
-    if num_ranks < 1:
-        raise ScheduleConfigError(f"{name} needs at least 1 pipeline rank, got ranks={num_ranks}")
-    if num_microbatches < 1:
-        raise ScheduleConfigError(f"{name} needs at least 1 micro-batch, got microbatches={num_microbatches}")
 
 
 def _program(num_ranks: int, rank: int, num_microbatches: int, max_pending_weights: int | None) -> RankProgram:
@@ -53,15 +46,36 @@ def _program(num_ranks: int, rank: int, num_microbatches: int, max_pending_weigh
     return program
 
 
-def one_f_one_b(num_ranks: int, num_microbatches: int) -> Schedule:
-    """1F1B (PipeDream-flush): bubble (P-1)(F+B), peak P activations on rank 0."""
-    _check("1f1b", num_ranks, num_microbatches)
+def _one_f_one_b_rows(num_ranks: int, num_microbatches: int) -> Schedule:
     rows = tuple(tuple(_program(num_ranks, r, num_microbatches, None).actions) for r in range(num_ranks))
     return Schedule("1f1b", linear_placement(num_ranks), num_microbatches, rows)
 
 
-def zb1p(num_ranks: int, num_microbatches: int) -> Schedule:
-    """ZB-H1: 1F1B with split backwards; bubble (P-1)(F+B-2W), peak P activations on every rank."""
-    _check("zb1p", num_ranks, num_microbatches)
+def _zb1p_rows(num_ranks: int, num_microbatches: int) -> Schedule:
     rows = tuple(tuple(_program(num_ranks, r, num_microbatches, r).actions) for r in range(num_ranks))
     return Schedule("zb1p", linear_placement(num_ranks), num_microbatches, rows)
+
+
+ONE_F_ONE_B = ScheduleSpec(
+    name="1f1b",
+    summary="1F1B (PipeDream-flush): P stages, one forward then one full backward",
+    generate=_one_f_one_b_rows,
+    place=linear_placement,
+)
+
+ZB1P = ScheduleSpec(
+    name="zb1p",
+    summary="ZB-H1: 1F1B with split backwards, deferred weight passes fill the bubble (1F1B's memory)",
+    generate=_zb1p_rows,
+    place=linear_placement,
+)
+
+
+def one_f_one_b(num_ranks: int, num_microbatches: int) -> Schedule:
+    """1F1B (PipeDream-flush): bubble (P-1)(F+B), peak P activations on rank 0."""
+    return ONE_F_ONE_B.build(num_ranks, num_microbatches)
+
+
+def zb1p(num_ranks: int, num_microbatches: int) -> Schedule:
+    """ZB-H1: 1F1B with split backwards; bubble (P-1)(F+B-2W), peak P activations on every rank."""
+    return ZB1P.build(num_ranks, num_microbatches)

@@ -124,7 +124,7 @@ def test_pipeline_options() -> None:
     assert read_pipeline_options({}) is None
     assert read_pipeline_options({"schedule": "DeepSpeed"}) is None
     options = read_pipeline_options({"schedule": "DualPipeV", "overlap": True, "timeout_s": 30})
-    assert (options.schedule, options.overlap, options.split_weights, options.timeout_s) == ("dualpipev", True, True, 30.0)
+    assert (options.schedule.name, options.overlap, options.split_weights, options.timeout_s) == ("dualpipev", True, True, 30.0)
     with pytest.raises(DeepSpeedPipelineConfigError, match="valid schedules: dualpipe, dualpipev, 1f1b, zb1p, deepspeed"):
         read_pipeline_options({"schedule": "gpipe"})
     with pytest.raises(ValueError, match="timeout_s must be a positive"):

@@ -189,7 +189,7 @@ def _probe_weight_split() -> dict:
                          micro_batch_size=DENSE4.micro_batch_size)
                 linears = sum(isinstance(m, (ColumnParallelLinear, RowParallelLinear))
                               for chunk in chunks for m in chunk.modules())
-                out[schedule] = dict(counts, linears=linears, split=pipeline._linear_split.num_split_linears,
+                out[schedule] = dict(counts, linears=linears, split=sum(b.num_split_linears for b in pipeline.executor.split_bindings),
                                      pending=len(store.pending_keys()))
             finally:
                 destroy_parallel()

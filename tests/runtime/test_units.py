@@ -303,7 +303,7 @@ class Loopback:
         assert not ops, "a one-rank pipeline has nothing to send"
         return []
 
-    def all_reduce_sum(self, tensor):
+    def all_reduce_sum(self, tensor, **_):
         pass
 
 
