@@ -109,7 +109,7 @@ _BAD = [
     (["schedule", "dualpipe", "--ranks", "4", "--microbatches", "6"], "schedule", "raise the micro-batch count"),
     (["schedule", "dualpipev", "--ranks", "0", "--microbatches", "4"], "schedule", "at least 1 pipeline rank"),
     (["schedule", "1f1b", "--ranks", "-2", "--microbatches", "4"], "schedule", "at least 1 pipeline rank"),
-    (["schedule", "gpipe", "--ranks", "4", "--microbatches", "8"], "schedule", "valid schedules: dualpipe, dualpipev, 1f1b, zb1p"),
+    (["schedule", "gpipe", "--ranks", "4", "--microbatches", "8"], "schedule", "valid schedules: dualpipe, dualpipev, 1f1b, zb1p, zbv"),
     (["simulate", "dualpipev", "-P", "2", "-C", "4", "--cost", "F=-1,B=2,W=1"], "simulate", "every cost must be >= 0"),
     (["simulate", "dualpipev", "-P", "2", "-C", "4", "--cost", "F=1,B="], "simulate", "cost B is missing its value"),
     (["simulate", "dualpipev", "-P", "2", "-C", "4", "--cost", "F1,B2"], "simulate", "expected KEY=NUMBER"),

@@ -22,6 +22,7 @@ _BUILT_IN = (
     "dualpipe_plugin.schedules.dualpipe:DUALPIPEV",
     "dualpipe_plugin.schedules.one_f_one_b:ONE_F_ONE_B",
     "dualpipe_plugin.schedules.one_f_one_b:ZB1P",
+    "dualpipe_plugin.schedules.zbv:ZBV",
 )
 """Where each built-in spec is defined (module:attribute), in the order help texts list them."""
 

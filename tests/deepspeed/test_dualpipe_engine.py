@@ -45,7 +45,8 @@ from .harness import (  # noqa: E402
 )
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SCHEDULES = ("dualpipe", "dualpipev", "1f1b", "zb1p")
+SCHEDULES = ("dualpipe", "dualpipev", "1f1b", "zb1p", "zbv")
+V_SCHEDULES = ("dualpipev", "zbv")  # first and last stage on rank 0
 
 
 def _ours(case: Case, schedule: str | None, **pipeline) -> Case:
@@ -125,7 +126,7 @@ def test_pipeline_options() -> None:
     assert read_pipeline_options({"schedule": "DeepSpeed"}) is None
     options = read_pipeline_options({"schedule": "DualPipeV", "overlap": True, "timeout_s": 30})
     assert (options.schedule.name, options.overlap, options.split_weights, options.timeout_s) == ("dualpipev", True, True, 30.0)
-    with pytest.raises(DeepSpeedPipelineConfigError, match="valid schedules: dualpipe, dualpipev, 1f1b, zb1p, deepspeed"):
+    with pytest.raises(DeepSpeedPipelineConfigError, match="valid schedules: dualpipe, dualpipev, 1f1b, zb1p, zbv, deepspeed"):
         read_pipeline_options({"schedule": "gpipe"})
     with pytest.raises(ValueError, match="timeout_s must be a positive"):
         read_pipeline_options({"schedule": "1f1b", "timeout_s": 0})
@@ -162,12 +163,12 @@ def test_schedules_match_train_schedule() -> None:
     """Each schedule at P=2: Adam, DeepSpeed's 'parameters' partition, activation checkpointing (interval
     2) together with the W split, a tied input/output projection across ranks, then eval_batch.
 
-    Bit-exact for 1f1b, zb1p and dualpipev; dualpipe within 1e-6 (mirror halves, see the module note).
-    dualpipev runs untied here: its first and last stage share rank 0 (see the tie test below).
+    Bit-exact for 1f1b, zb1p, dualpipev and zbv; dualpipe within 1e-6 (mirror halves, see the module note).
+    The V schedules run untied here: their first and last stage share rank 0 (see the tie test below).
     """
     base = Case(num_stages=2, optimizer="adam", lr=0.01, partition_method="parameters",
                 activation_checkpoint_interval=2, eval_after=True)
-    cases = {schedule: replace(base, tied=schedule != "dualpipev") for schedule in SCHEDULES}
+    cases = {schedule: replace(base, tied=schedule not in V_SCHEDULES) for schedule in SCHEDULES}
     runs = _run_many([_ours(case, schedule) for schedule, case in cases.items()])
     for (schedule, case), results in zip(cases.items(), runs):
         assert {r.engine for r in results} == {f"DualPipeEngine:{schedule}"}
@@ -272,7 +273,7 @@ def test_checkpoint_resume_and_portability(tmp_path) -> None:
 def test_bad_input_fails_at_initialize() -> None:
     errors = run_local(run_bad_input_rank, 2, timeout_s=240)[0]
     expected = {
-        "unknown_schedule": "valid schedules: dualpipe, dualpipev, 1f1b, zb1p, deepspeed",
+        "unknown_schedule": "valid schedules: dualpipe, dualpipev, 1f1b, zb1p, zbv, deepspeed",
         "dualpipe_odd_stages": "num_stages=1 .*even number of pipeline ranks.*'dualpipev'",
         "too_few_microbatches": "gradient_accumulation_steps=3 .*at least 2 x ranks = 4",
         "dualpipe_odd_microbatches": "must be even, got microbatches=5; use 6",

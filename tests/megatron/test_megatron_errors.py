@@ -45,7 +45,7 @@ def test_errors_are_value_errors():
 
 def test_unknown_schedule_lists_the_valid_ones():
     with pytest.raises(UnknownScheduleError, match=r"unknown pipeline schedule 'dualpipex'; valid schedules: "
-                                                   r"1f1b, dualpipe, dualpipev, zb1p, megatron"):
+                                                   r"1f1b, dualpipe, dualpipev, zb1p, zbv, megatron"):
         get_forward_backward_func(schedule="dualpipex")
     with pytest.raises(MegatronScheduleError, match="unknown pipeline schedule 'gpipe'"):
         configure_model_config(_config(), "gpipe")

@@ -60,6 +60,7 @@ PP2_SPECS = {
     "zb1p": RunSpec(model=DENSE4, parallel=PP2, schedule="zb1p"),
     "megatron_interleaved": RunSpec(model=DENSE4, parallel=Parallel(pp=2, vp=2)),
     "dualpipev": RunSpec(model=DENSE4, parallel=PP2, schedule="dualpipev"),
+    "zbv": RunSpec(model=DENSE4, parallel=PP2, schedule="zbv"),
     "dualpipev_shared_c5": RunSpec(model=DENSE4, parallel=PP2, schedule="dualpipev", num_microbatches=5,
                                    shared_iterator=True),
     "dualpipev_untied": RunSpec(model=UNTIED4, parallel=PP2, schedule="dualpipev"),
@@ -231,8 +232,9 @@ def test_1f1b_and_zb1p_equal_megatrons_1f1b_bit_for_bit(schedule, pp2, refs):
 
 
 @megatron_test
-def test_dualpipev_p2_equals_megatron_interleaved_and_reference(pp2, refs):
-    got = pp2["dualpipev"]
+@pytest.mark.parametrize("schedule", ["dualpipev", "zbv"])
+def test_v_schedules_p2_equal_megatron_interleaved_and_reference(schedule, pp2, refs):
+    got = pp2[schedule]
     _same_losses(got, pp2["megatron_interleaved"])
     compare_grads(got.grads[0], pp2["megatron_interleaved"].grads[0], exact=True)
     _same_losses(got, refs["dense4_c4"])

@@ -30,8 +30,9 @@ def _cases() -> list[Case]:
     # dualpipev: C >= 2P, odd allowed; P=1 is a two-stage V on one rank.
     for p, counts in ((1, (2, 3)), (2, (4, 5, 6)), (4, (8, 9, 12))):
         cases += [Case("dualpipev", p, c) for c in counts]
-    # 1f1b / zb1p: any C >= 1, including fewer micro-batches than ranks.
-    for name in ("1f1b", "zb1p"):
+    # 1f1b / zb1p / zbv: any C >= 1, including fewer micro-batches than ranks (zbv: 2P stages in a V).
+    cases += [Case("zbv", 1, 2)]
+    for name in ("1f1b", "zb1p", "zbv"):
         for p, counts in ((2, (1, 3, 6)), (4, (1, 5, 12))):
             cases += [Case(name, p, c) for c in counts]
     return cases
@@ -55,6 +56,7 @@ def test_cases_cover_the_issue_grid() -> None:
         ("dualpipe", 2): [4, 6], ("dualpipe", 4): [8, 12],
         ("dualpipev", 1): [2, 3], ("dualpipev", 2): [4, 5, 6], ("dualpipev", 4): [8, 9, 12],
         ("1f1b", 2): [1, 3, 6], ("1f1b", 4): [1, 5, 12], ("zb1p", 2): [1, 3, 6], ("zb1p", 4): [1, 5, 12],
+        ("zbv", 1): [2], ("zbv", 2): [1, 3, 6], ("zbv", 4): [1, 5, 12],
     }
 
 

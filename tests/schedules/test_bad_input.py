@@ -55,8 +55,8 @@ def test_unknown_schedule_lists_valid_ones(name: str) -> None:
         build_schedule(name, 4, 8)
     message = str(info.value)
     assert f"unknown pipeline schedule {name!r}" in message
-    assert "valid schedules: dualpipe, dualpipev, 1f1b, zb1p" in message
-    assert set(schedule_names()) == {"dualpipe", "dualpipev", "1f1b", "zb1p"}
+    assert "valid schedules: dualpipe, dualpipev, 1f1b, zb1p, zbv" in message
+    assert set(schedule_names()) == {"dualpipe", "dualpipev", "1f1b", "zb1p", "zbv"}
 
 
 def test_schedule_name_not_a_string() -> None:

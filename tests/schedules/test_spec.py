@@ -44,7 +44,7 @@ def test_every_refusal_names_the_rule(name, ranks, microbatches, message) -> Non
 
 def test_pairs_and_placement_questions() -> None:
     assert {n for n, s in SCHEDULES.items() if s.runs_pairs} == {"dualpipe", "dualpipev"}
-    assert {n for n, s in SCHEDULES.items() if s.chunks_per_rank == 2} == {"dualpipe", "dualpipev"}
+    assert {n for n, s in SCHEDULES.items() if s.chunks_per_rank == 2} >= {"dualpipe", "dualpipev"}
     placement = get_schedule("dualpipe").placement(4)
     assert placement.last_stage_ranks() == (0, 3)
     assert placement.holds_first_stage(0) and placement.holds_first_stage(3) and not placement.holds_first_stage(1)
