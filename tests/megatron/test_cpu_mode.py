@@ -27,11 +27,10 @@ import sys
 import pytest
 
 from dualpipe_plugin.launch import run_local
+from dualpipe_plugin.reference.megatron_gpt import Parallel, TinyGPT
+from dualpipe_plugin.reference.megatron_names import TIED_EMBEDDING
 from tests.megatron.harness import (
-    TIED_EMBEDDING,
-    Parallel,
     RunSpec,
-    TinyGPT,
     compare_grads,
     merge_results,
     reference_spec,

@@ -33,11 +33,10 @@ import numpy as np
 import pytest
 
 from dualpipe_plugin.launch import run_local
+from dualpipe_plugin.reference.megatron_gpt import Parallel, TinyGPT
+from dualpipe_plugin.reference.megatron_names import TIED_EMBEDDING
 from tests.megatron.harness import (
-    TIED_EMBEDDING,
-    Parallel,
     RunSpec,
-    TinyGPT,
     compare_grads,
     merge_results,
     reference_spec,
@@ -153,15 +152,13 @@ def _probe_weight_split() -> dict:
 
     from dualpipe_plugin.megatron import enable_cpu_mode
     from dualpipe_plugin.megatron.schedule_fn import PipelineScheduleFunction
-    from tests.megatron.harness import (
-        build_model,
-        data_iterator,
+    from dualpipe_plugin.reference.megatron_gpt import (
         destroy_parallel,
         forward_step,
         init_parallel,
-        make_batches,
         transformer_config,
     )
+    from tests.megatron.harness import build_model, data_iterator, make_batches
 
     out = {}
     with enable_cpu_mode():
@@ -199,7 +196,8 @@ def _probe_weight_split() -> dict:
 def _probe_checkpoint_keys() -> dict:
     """Sharded-state-dict entries (key, global offset, replica) of every chunk for three layouts."""
     from dualpipe_plugin.megatron import enable_cpu_mode
-    from tests.megatron.harness import build_model, destroy_parallel, init_parallel, transformer_config
+    from dualpipe_plugin.reference.megatron_gpt import destroy_parallel, init_parallel, transformer_config
+    from tests.megatron.harness import build_model
 
     out = {}
     with enable_cpu_mode():
