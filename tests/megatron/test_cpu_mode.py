@@ -37,6 +37,7 @@ from tests.megatron.harness import (
     run_megatron,
     run_megatron_specs,
 )
+from tests.megatron.marks import megatron_test
 
 DENSE = TinyGPT(num_layers=4)
 MOE = TinyGPT(num_layers=2, num_moe_experts=4, moe_router_topk=2)
@@ -45,17 +46,6 @@ TIMEOUT_S = 240
 
 def _run(spec: RunSpec, world_size: int):
     return merge_results(run_local(run_megatron, world_size, args=(spec,), timeout_s=TIMEOUT_S))
-
-
-def megatron_test(test):
-    """Marks a test slow + megatron and skips it where Megatron-Core is not installed."""
-    test = pytest.mark.usefixtures("megatron_core")(test)
-    return pytest.mark.slow(pytest.mark.megatron(test))
-
-
-@pytest.fixture(scope="module")
-def megatron_core():
-    return pytest.importorskip("megatron.core")
 
 
 @pytest.fixture(scope="module")

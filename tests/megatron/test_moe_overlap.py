@@ -33,19 +33,10 @@ from functools import partial
 import pytest
 
 from dualpipe_plugin.launch import run_local
+from tests.megatron.marks import megatron_test
 
 TIMEOUT_S = 240
 NUM_MICROBATCHES = 4
-
-
-def megatron_test(test):
-    test = pytest.mark.usefixtures("megatron_core")(test)
-    return pytest.mark.slow(pytest.mark.megatron(test))
-
-
-@pytest.fixture(scope="module")
-def megatron_core():
-    return pytest.importorskip("megatron.core")
 
 
 # ------------------------------------------------------------------------------------ worker helpers

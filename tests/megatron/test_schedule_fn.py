@@ -42,6 +42,7 @@ from tests.megatron.harness import (
     reference_spec,
     run_megatron_specs,
 )
+from tests.megatron.marks import megatron_test
 
 DENSE4 = TinyGPT(num_layers=4)
 UNTIED4 = TinyGPT(num_layers=4, share_embeddings=False)
@@ -96,16 +97,6 @@ REFERENCE_SPECS = {
 }
 
 
-def megatron_test(test):
-    test = pytest.mark.usefixtures("megatron_core")(test)
-    return pytest.mark.slow(pytest.mark.megatron(test))
-
-
-@pytest.fixture(scope="module")
-def megatron_core():
-    return pytest.importorskip("megatron.core")
-
-
 def _launch(specs: dict[str, RunSpec], world_size: int) -> dict:
     names = list(specs)
     per_rank = run_local(run_megatron_specs, world_size, args=(tuple(specs[n] for n in names),), timeout_s=TIMEOUT_S)
@@ -135,6 +126,22 @@ def pp4(megatron_core):
 def _same_losses(got, want) -> None:
     assert got.microbatch_losses == want.microbatch_losses
     assert got.losses == want.losses
+
+
+def _assert_dualpipev_equals(got, interleaved, reference) -> None:
+    """Bit for bit Megatron interleaved on the same 2P stages; the unpipelined reference except the tied
+    embedding."""
+    _same_losses(got, interleaved)
+    compare_grads(got.grads[0], interleaved.grads[0], exact=True)
+    _same_losses(got, reference)
+    compare_grads(got.grads[0], reference.grads[0], exact=True, approx={TIED_EMBEDDING})
+
+
+def _assert_dualpipe_matches(got, megatron_1f1b, reference) -> None:
+    """Losses bit for bit; gradients to rtol 1e-5 / atol 1e-7 (each copy sums half the micro-batches)."""
+    _same_losses(got, megatron_1f1b)
+    _same_losses(got, reference)
+    compare_grads(got.grads[0], megatron_1f1b.grads[0], exact=False, rtol=1e-5, atol=1e-7)
 
 
 # ---------------------------------------------------------------------------------- probes (2 ranks)
@@ -230,11 +237,7 @@ def test_1f1b_and_zb1p_equal_megatrons_1f1b_bit_for_bit(schedule, pp2, refs):
 
 @megatron_test
 def test_dualpipev_p2_equals_megatron_interleaved_and_reference(pp2, refs):
-    got = pp2["dualpipev"]
-    _same_losses(got, pp2["megatron_interleaved"])
-    compare_grads(got.grads[0], pp2["megatron_interleaved"].grads[0], exact=True)
-    _same_losses(got, refs["dense4_c4"])
-    compare_grads(got.grads[0], refs["dense4_c4"].grads[0], exact=True, approx={TIED_EMBEDDING})
+    _assert_dualpipev_equals(pp2["dualpipev"], pp2["megatron_interleaved"], refs["dense4_c4"])
 
 
 @megatron_test
@@ -256,10 +259,7 @@ def test_dualpipev_one_shared_iterator_and_odd_microbatch_count(pp2, refs):
 @pytest.mark.parametrize("name", ["dualpipe", "dualpipe_shared"])
 def test_dualpipe_p2_matches_megatron_1f1b(name, pp2, refs):
     # merge_results already asserted that both mirrored copies of every stage hold identical gradients.
-    got = pp2[name]
-    _same_losses(got, pp2["megatron_1f1b"])
-    _same_losses(got, refs["dense4_c4"])
-    compare_grads(got.grads[0], pp2["megatron_1f1b"].grads[0], exact=False, rtol=1e-5, atol=1e-7)
+    _assert_dualpipe_matches(pp2[name], pp2["megatron_1f1b"], refs["dense4_c4"])
 
 
 @megatron_test
@@ -306,19 +306,12 @@ def test_checkpoint_keys_are_global_layer_numbers(pp2):
 
 @megatron_test
 def test_dualpipev_p4_equals_megatron_interleaved_and_reference(pp4, refs):
-    got = pp4["dualpipev_p4"]
-    _same_losses(got, pp4["megatron_interleaved_p4"])
-    compare_grads(got.grads[0], pp4["megatron_interleaved_p4"].grads[0], exact=True)
-    _same_losses(got, refs["dense8_c8"])
-    compare_grads(got.grads[0], refs["dense8_c8"].grads[0], exact=True, approx={TIED_EMBEDDING})
+    _assert_dualpipev_equals(pp4["dualpipev_p4"], pp4["megatron_interleaved_p4"], refs["dense8_c8"])
 
 
 @megatron_test
 def test_dualpipe_p4_matches_megatron_1f1b(pp4, refs):
-    got = pp4["dualpipe_p4"]
-    _same_losses(got, pp4["megatron_1f1b_p4"])
-    _same_losses(got, refs["dense4_c8"])
-    compare_grads(got.grads[0], pp4["megatron_1f1b_p4"].grads[0], exact=False, rtol=1e-5, atol=1e-7)
+    _assert_dualpipe_matches(pp4["dualpipe_p4"], pp4["megatron_1f1b_p4"], refs["dense4_c8"])
 
 
 @megatron_test
