@@ -10,7 +10,8 @@ median of the per-round ratios to Megatron's 1F1B::
 
 The model is 8 emulated layers (``EmulatedLayer``: Linear(64) + tanh whose forward, input-gradient and
 weight-gradient parts last F=10, I=10, W=10 ms each, so B=20 ms) inside a minimal Megatron module
-(``config``, ``set_input_tensor``, ``pre_process``/``post_process``, Megatron's loss-function convention).
+(``EmulatedMegatronChunk`` of :mod:`dualpipe_plugin.bench.megatron_chunk`: ``config``, ``set_input_tensor``,
+``pre_process``/``post_process``), with Megatron's loss-function convention in ``forward_step``.
 Megatron 1F1B: 4 stages of 2 layers; Megatron interleaved (VP=2): 8 stages of 1 layer, stage vp*4 + r;
 ours: 8 stages of 1 layer in a V, built by ``build_model_chunks`` after ``configure_model_config(config,
 "dualpipev")``. Each step is one call of the schedule's forward-backward function with
@@ -39,10 +40,10 @@ def _rank(rank: int, world_size: int, settings: dict) -> dict:
     import torch
     import torch.distributed as dist
     from megatron.core import parallel_state
-    from megatron.core.enums import ModelType
     from megatron.core.pipeline_parallel import schedules
     from megatron.core.transformer import TransformerConfig
 
+    from dualpipe_plugin.bench.megatron_chunk import emulated_megatron_chunk_class
     from dualpipe_plugin.megatron import build_model_chunks, configure_model_config, enable_cpu_mode
     from dualpipe_plugin.megatron.schedule_fn import PipelineScheduleFunction
     from dualpipe_plugin.runtime.emulate import EmulatedCosts, EmulatedLayer
@@ -51,24 +52,11 @@ def _rank(rank: int, world_size: int, settings: dict) -> dict:
     dim, seq, layers, pp, mbs = settings["dim"], settings["seq"], settings["layers"], world_size, 1
     microbatches = settings["micro_batches"]
 
-    class EmulatedChunk(torch.nn.Module):
-        """The smallest Megatron model chunk: what Megatron's schedules ask of a module."""
+    chunk_class = emulated_megatron_chunk_class()
 
-        def __init__(self, config, pre_process, post_process, num_layers, vp_stage=None):
-            super().__init__()
-            self.config, self.pre_process, self.post_process = config, pre_process, post_process
-            self.model_type, self.vp_stage = ModelType.encoder_or_decoder, vp_stage
-            self.layers = torch.nn.ModuleList(EmulatedLayer(dim, costs) for _ in range(num_layers))
-            self.input_tensor = None
-
-        def set_input_tensor(self, tensor):
-            self.input_tensor = tensor[0] if isinstance(tensor, list) else tensor
-
-        def forward(self, x):
-            h = x if self.pre_process else self.input_tensor
-            for layer in self.layers:
-                h = layer(h)
-            return h.pow(2).mean(dim=-1) if self.post_process else h  # [seq, mbs] per-token "loss"
+    def chunk(config, pre_process, post_process, num_layers):
+        emulated = [EmulatedLayer(dim, costs) for _ in range(num_layers)]
+        return chunk_class(config, emulated, pre_process=pre_process, post_process=post_process)
 
     def config_for(vp=None):
         return TransformerConfig(num_layers=layers, hidden_size=dim, num_attention_heads=1,
@@ -82,7 +70,8 @@ def _rank(rank: int, world_size: int, settings: dict) -> dict:
 
     def forward_step(data_iterator, model):
         x = next(data_iterator) if model.pre_process else None
-        return model(x), loss_func
+        output = model(x)
+        return (output.pow(2).mean(dim=-1) if model.post_process else output), loss_func  # [seq, mbs] "loss"
 
     def data():
         gen = torch.Generator().manual_seed(0)
@@ -97,21 +86,20 @@ def _rank(rank: int, world_size: int, settings: dict) -> dict:
         config = config_for()
         engines["megatron_1f1b"] = (
             schedules.forward_backward_pipelining_without_interleaving,
-            [EmulatedChunk(config, r == 0, r == pp - 1, layers // pp)],
+            [chunk(config, r == 0, r == pp - 1, layers // pp)],
         )
         # Megatron interleaved: chunk i = stage i*P + r (one layer each).
         config = config_for(vp=2)
         engines["megatron_interleaved"] = (
             schedules.forward_backward_pipelining_with_interleaving,
-            [EmulatedChunk(config, r == 0 and i == 0, r == pp - 1 and i == 1, layers // (2 * pp), vp_stage=i)
-             for i in range(2)],
+            [chunk(config, r == 0 and i == 0, r == pp - 1 and i == 1, layers // (2 * pp)) for i in range(2)],
         )
         for name, schedule in (("dualpipe_plugin_dualpipev", "dualpipev"), ("dualpipe_plugin_zb1p", "zb1p")):
             config = configure_model_config(config_for(), schedule)
             per_stage = layers // (2 * pp) if schedule == "dualpipev" else layers // pp
             model = build_model_chunks(
-                lambda pre_process, post_process, vp_stage, c=config, n=per_stage: EmulatedChunk(c, pre_process,
-                                                                                               post_process, n),
+                lambda pre_process, post_process, vp_stage, c=config, n=per_stage: chunk(c, pre_process,
+                                                                                       post_process, n),
                 config,
             )
             engines[name] = (PipelineScheduleFunction(schedule), model)

@@ -64,9 +64,10 @@ def _worker(rank: int, world: int, config: Config) -> dict:
     from dualpipe_plugin.megatron.moe_overlap import megatron_staged_chunk
     from dualpipe_plugin.runtime.overlap import Side, run_pair_sides
     from dualpipe_plugin.runtime.staged import claim_backward
-    from tests.megatron.harness import (
-        Parallel, TinyGPT, destroy_parallel, gpt_provider, init_parallel, transformer_config,
+    from dualpipe_plugin.reference.megatron_gpt import (
+        Parallel, TinyGPT, destroy_parallel, init_parallel, model_provider, transformer_config,
     )
+    from dualpipe_plugin.reference.megatron_names import init_for_comparison
 
     torch.set_num_threads(config.threads)
     tiny = TinyGPT(hidden_size=config.hidden, ffn_hidden_size=config.ffn, num_attention_heads=config.heads,
@@ -76,7 +77,8 @@ def _worker(rank: int, world: int, config: Config) -> dict:
     with enable_cpu_mode():
         init_parallel(par, tiny.seed)
         try:
-            gpt = gpt_provider(tiny, transformer_config(tiny, par))(False, False)  # the decoder layers only
+            provider = model_provider(tiny, transformer_config(tiny, par), init=init_for_comparison)
+            gpt = provider(False, False)  # the decoder layers only
             a = megatron_staged_chunk(gpt, layers=slice(0, config.layers))
             b = megatron_staged_chunk(gpt, layers=slice(config.layers, 2 * config.layers))
             gen = torch.Generator().manual_seed(rank)

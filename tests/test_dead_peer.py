@@ -48,7 +48,8 @@ def _deepspeed(rank: int, world: int):
 
 
 def _megatron(rank: int, world: int):
-    from tests.megatron.harness import Parallel, RunSpec, run_megatron
+    from dualpipe_plugin.reference.megatron_gpt import Parallel
+    from tests.megatron.harness import RunSpec, run_megatron
 
     return run_megatron(rank, world, RunSpec(parallel=Parallel(pp=2), schedule="dualpipev", iterations=2))
 

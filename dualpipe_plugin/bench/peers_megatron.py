@@ -2,9 +2,10 @@
 dualpipev through ``dualpipe_plugin.megatron`` (its ``get_forward_backward_func``), on the emulated model.
 
 Megatron-Core runs on CPU/gloo in :func:`dualpipe_plugin.megatron.enable_cpu_mode` (the explicit opt-in).
-Its schedules need no GPTModel: a model chunk is :class:`EmulatedMegatronChunk`, a ``MegatronModule``
-holding the chunk's :class:`~dualpipe_plugin.runtime.emulate.EmulatedLayer` slice, with what the
-schedules ask of a chunk (``config``, ``set_input_tensor``, ``pre_process``/``post_process``).
+Its schedules need no GPTModel: a model chunk is an ``EmulatedMegatronChunk``
+(:mod:`dualpipe_plugin.bench.megatron_chunk`), a ``MegatronModule`` holding the chunk's
+:class:`~dualpipe_plugin.runtime.emulate.EmulatedLayer` slice, with what the schedules ask of a chunk
+(``config``, ``set_input_tensor``, ``pre_process``/``post_process``).
 Activations are ``[rows, 1, dim]`` (Megatron's ``[seq, micro-batch, hidden]``: ``seq_length = rows``,
 ``micro_batch_size = 1``). ``forward_step_func`` returns the chunk's output and an MSE loss function in
 the ``(loss, report)`` form. Stages: 1F1B 4 × 2 layers; interleaved 8 stages of 1 layer, Megatron's
@@ -19,39 +20,12 @@ from functools import partial
 
 import torch
 
+from dualpipe_plugin.bench.megatron_chunk import emulated_megatron_chunk_class
 from dualpipe_plugin.bench.workload import ActivationProbe, Job, RankReport, emulated_layers, timed_steps
 
 __all__ = ["run_megatron_rank"]
 
 SCHEDULES = ("1f1b", "interleaved", "ours")
-
-
-def _chunk_class():
-    from megatron.core.enums import ModelType
-    from megatron.core.transformer.module import MegatronModule
-
-    class EmulatedMegatronChunk(MegatronModule):
-        """A Megatron model chunk of emulated layers; the first stage reads the micro-batch, the others
-        the received activation (``set_input_tensor``)."""
-
-        model_type = ModelType.encoder_or_decoder
-
-        def __init__(self, config, layers, *, pre_process: bool, post_process: bool):
-            super().__init__(config=config)
-            self.layers = torch.nn.ModuleList(layers)
-            self.pre_process, self.post_process = pre_process, post_process
-            self.input_tensor = None
-
-        def set_input_tensor(self, input_tensor) -> None:
-            self.input_tensor = input_tensor[0] if isinstance(input_tensor, (list, tuple)) else input_tensor
-
-        def forward(self, x):
-            h = x if self.pre_process else self.input_tensor
-            for layer in self.layers:
-                h = layer(h)
-            return h
-
-    return EmulatedMegatronChunk
 
 
 def _loss(target, output):
@@ -88,7 +62,7 @@ def run_megatron_rank(rank: int, world_size: int, job: Job) -> RankReport:
             )
             torch.manual_seed(0)
             layers = emulated_layers(workload, workload.layers)
-            chunk_class = _chunk_class()
+            chunk_class = emulated_megatron_chunk_class()
             pp_rank = parallel_state.get_pipeline_model_parallel_rank()
             if kind == "ours":
                 from dualpipe_plugin.megatron import build_model_chunks, configure_model_config, get_forward_backward_func

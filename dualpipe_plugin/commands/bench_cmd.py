@@ -16,7 +16,7 @@ from dualpipe_plugin.schedules import CostModel, schedule_names
 _MODES = {
     "step": ("dualpipe_plugin.commands.bench_cmd", "_run_step"),
     "overlap": ("dualpipe_plugin.bench.overlap", "run_from_args"),
-    "compare": ("dualpipe_plugin.bench.compare", "run_from_args"),
+    "compare": ("dualpipe_plugin.bench.compare.cli", "run_from_args"),
 }
 
 

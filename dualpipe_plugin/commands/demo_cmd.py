@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--engine", choices=["standalone", "deepspeed", "megatron"], default="standalone",
         help="standalone: the reference MoE model on this package's runtime (with the report); deepspeed / "
-             "megatron: the repository's launch/ example for that framework, in CPU mode",
+             "megatron: that framework's example (dualpipe_plugin.examples), in CPU mode",
     )
     parser.add_argument("--runs-dir", default="runs", help="where runs/<time>/ is created")
     parser.add_argument("--simulate", action="store_true", help="only show the simulated schedule (no training)")

@@ -1,9 +1,11 @@
-"""The demo through DeepSpeed or Megatron-Core: the repository's own training scripts in CPU mode.
+"""The demo through DeepSpeed or Megatron-Core: the package's framework examples in CPU mode.
 
-``dualpipe-plugin demo --engine deepspeed`` runs ``launch/train_deepspeed.py`` (a small GPT as a
-DeepSpeed PipelineModule, schedule from the JSON config) under torchrun; ``--engine megatron`` runs
-``launch/pretrain_gpt.py`` (a small GPTModel on Megatron-Core, ``--pipeline-schedule``), which spawns its
-own CPU ranks. Both print their own per-step losses; these scripts are what users copy.
+``dualpipe-plugin demo --engine deepspeed`` runs :mod:`dualpipe_plugin.examples.deepspeed_gpt` (a small
+GPT as a DeepSpeed PipelineModule, schedule from the JSON config) under torchrun; ``--engine megatron``
+runs :mod:`dualpipe_plugin.examples.megatron_gpt` (the reference GPT on Megatron-Core,
+``--pipeline-schedule``), which spawns its own CPU ranks. Both are run as modules of the installed package
+(``launch/train_deepspeed.py`` and ``launch/pretrain_gpt.py`` are the same programs in a clone) and print
+their own per-step losses.
 """
 
 from __future__ import annotations
@@ -16,36 +18,34 @@ from pathlib import Path
 
 __all__ = ["run_engine_demo"]
 
-_ROOT = Path(__file__).resolve().parents[2]
 
-
-def _script(name: str) -> Path:
-    path = _ROOT / "launch" / name
-    if not path.exists():
-        raise ValueError(
-            f"the {name} example lives in the repository's launch/ folder, not in the installed package; "
-            f"run the demo from a clone of the repository"
-        )
-    return path
+def _deepspeed_config(schedule: str, microbatches: int, steps: int) -> dict:
+    """The optimizer, clipping and ZeRO settings of ``configs/deepspeed/dualpipev.json``, with the demo's
+    schedule (overlap off: the example's blocks are plain torch layers) and micro-batch count."""
+    return {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": microbatches,
+        "optimizer": {"type": "AdamW", "params": {"lr": 3e-4, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1}},
+        "pipeline": {"schedule": schedule, "overlap": False},
+        "zero_optimization": {"stage": 0},
+        "gradient_clipping": 1.0,
+        "steps_per_print": max(steps, 1),
+    }
 
 
 def _deepspeed_command(schedule: str, ranks: int, microbatches: int, steps: int, workdir: Path) -> list[str]:
-    config = json.loads((_ROOT / "configs" / "deepspeed" / "dualpipev.json").read_text())
-    config["gradient_accumulation_steps"] = microbatches
-    config["pipeline"] = {"schedule": schedule, "overlap": False}
-    config["steps_per_print"] = max(steps, 1)
     path = workdir / "deepspeed_demo.json"
-    path.write_text(json.dumps(config, indent=2))
+    path.write_text(json.dumps(_deepspeed_config(schedule, microbatches, steps), indent=2))
     return [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--standalone",
-        str(_script("train_deepspeed.py")), "--cpu", "--deepspeed_config", str(path), "--steps", str(steps),
-        "--pipeline-stages", str(ranks), "--log-interval", "5",
+        "-m", "dualpipe_plugin.examples.deepspeed_gpt", "--cpu", "--deepspeed_config", str(path),
+        "--steps", str(steps), "--pipeline-stages", str(ranks), "--log-interval", "5",
     ]
 
 
 def _megatron_command(schedule: str, ranks: int, microbatches: int, steps: int) -> list[str]:
     return [
-        sys.executable, str(_script("pretrain_gpt.py")), "--cpu", "--nproc", str(ranks),
+        sys.executable, "-m", "dualpipe_plugin.examples.megatron_gpt", "--cpu", "--nproc", str(ranks),
         "--num-layers", "8", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
         "--micro-batch-size", "2", "--global-batch-size", str(2 * microbatches),
         "--pipeline-model-parallel-size", str(ranks), "--pipeline-schedule", schedule,
@@ -54,7 +54,7 @@ def _megatron_command(schedule: str, ranks: int, microbatches: int, steps: int) 
 
 
 def run_engine_demo(engine: str, schedule: str, ranks: int, microbatches: int, steps: int) -> int:
-    """Run the engine's example script; return its exit status (its output goes to this terminal)."""
+    """Run the engine's example; return its exit status (its output goes to this terminal)."""
     with tempfile.TemporaryDirectory() as workdir:
         if engine == "deepspeed":
             command = _deepspeed_command(schedule, ranks, microbatches, steps, Path(workdir))
@@ -63,4 +63,4 @@ def run_engine_demo(engine: str, schedule: str, ranks: int, microbatches: int, s
         else:
             raise ValueError(f"unknown engine {engine!r}; choose standalone, deepspeed or megatron")
         print(f"$ {' '.join(command)}", flush=True)
-        return subprocess.run(command, cwd=_ROOT).returncode
+        return subprocess.run(command).returncode

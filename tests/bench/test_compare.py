@@ -9,25 +9,13 @@ from dataclasses import replace
 
 import pytest
 
-from dualpipe_plugin.bench import compare
-from dualpipe_plugin.bench.compare import (
-    BASELINE,
-    COMPUTE,
-    MOE,
-    README_BEGIN,
-    README_END,
-    CompareConfig,
-    Entry,
-    entries_for,
-    evaluate_goals,
-    markdown_table,
-    paired_ratios,
-    readme_table,
-    select,
-    simulated_ms,
-    summarize,
-    update_readme,
-)
+from dualpipe_plugin.bench.compare.cli import main as compare_main
+from dualpipe_plugin.bench.compare.config import CompareConfig
+from dualpipe_plugin.bench.compare.entries import BASELINE, COMPUTE, MOE, Entry, availability, entries_for, select
+from dualpipe_plugin.bench.compare.report import README_BEGIN, README_END, markdown_table, readme_table, update_readme
+from dualpipe_plugin.bench.compare.run import run_compare
+from dualpipe_plugin.bench.compare.simulate import layers_per_chunk, simulated_ms, torch_order_schedule
+from dualpipe_plugin.bench.compare.summary import evaluate_goals, paired_ratios, summarize
 from dualpipe_plugin.bench.scale import scale_table
 from dualpipe_plugin.bench.workload import MoEWorkload, Workload
 
@@ -62,10 +50,10 @@ def test_select_keeps_the_baseline_of_each_chosen_cost_model() -> None:
 
 def test_an_entry_whose_module_is_missing_is_not_available() -> None:
     entry = replace(_entry("x"), requires=("surely_not_a_module_xyz",))
-    assert "not installed" in compare.availability(entry)
+    assert "not installed" in availability(entry)
     entry = replace(_entry("x"), requires=("dualpipe_plugin.surely_missing",))
-    assert "import dualpipe_plugin.surely_missing failed" in compare.availability(entry)
-    assert compare.availability(_entry("x")) is None
+    assert "import dualpipe_plugin.surely_missing failed" in availability(entry)
+    assert availability(_entry("x")) is None
 
 
 # -- statistics ---------------------------------------------------------------------------------------------
@@ -134,7 +122,7 @@ def test_simulated_figures_for_the_issue_costs() -> None:
 
     def sim(key, workload=dense, transfer_ms=0.0, order=None):
         entry = by_key[key]
-        return simulated_ms(entry, workload, compare._chunk_layers(entry, workload), transfer_ms, order)
+        return simulated_ms(entry, workload, layers_per_chunk(entry, workload), transfer_ms, order)
 
     assert dense.microbatches * dense.layers * 30 / dense.ranks == 960  # the ideal step
     assert sim("ours:dualpipev") == 1020  # 960 + (8/2 - 1)(F&B + B - 3W) per 1-layer chunk = 960 + 60
@@ -164,11 +152,11 @@ def test_torch_order_converts_to_our_ir_and_simulates() -> None:
                 texts.append(f"{stage}{op.kind.value}{op.microbatch}")
             row.append(f"({texts[0]};{texts[1]})OVERLAP_F_B" if len(texts) == 2 else texts[0])
         order[rank] = row + [f"{rank}REDUCE_GRAD"]
-    converted = compare._torch_order_schedule(order, ranks, microbatches)
+    converted = torch_order_schedule(order, ranks, microbatches)
     assert converted.to_text() == ours.to_text()
     entry = next(e for e in entries_for(quick=True) if e.key == "torch:ScheduleDualPipeV")
     workload = Workload(ranks=ranks, microbatches=microbatches)
-    assert simulated_ms(entry, workload, compare._chunk_layers(entry, workload), 0.0, order) is not None
+    assert simulated_ms(entry, workload, layers_per_chunk(entry, workload), 0.0, order) is not None
 
 
 # -- tables and the README ------------------------------------------------------------------------------------
@@ -215,7 +203,7 @@ def test_readme_regeneration_from_a_results_file(tmp_path, capsys) -> None:
     results_file.write_text(json.dumps(_rendered_results()))
     readme = tmp_path / "README.md"
     readme.write_text(f"{README_BEGIN}\n{README_END}\n")
-    assert compare.main(["readme", str(results_file), "--readme", str(readme)]) == 0
+    assert compare_main(["readme", str(results_file), "--readme", str(readme)]) == 0
     assert "| compute | **ours:dualpipev** | 850 |" in readme.read_text()
 
 
@@ -250,7 +238,7 @@ def test_tiny_end_to_end_run_writes_results_table_chart_and_readme(tmp_path) -> 
     config = CompareConfig(rounds=1, steps=1, moe_steps=1, warmup=1, ranks=2, microbatches=4, forward_ms=1.0,
                            backward_ms=2.0, weight_ms=1.0, results_dir=str(tmp_path / "results"),
                            readme=str(readme), only=("ours:dualpipev", "torch:Schedule1F1B"))
-    results = compare.run_compare(config)
+    results = run_compare(config)
     rows = {e["key"]: e for e in results["entries"]}
     assert set(rows) == {"ours:dualpipev", "torch:Schedule1F1B", BASELINE[COMPUTE]}
     for key in ("ours:dualpipev", "torch:Schedule1F1B", BASELINE[COMPUTE]):

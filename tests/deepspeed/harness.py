@@ -35,7 +35,6 @@ The reference runs with one intra-op thread, like the spawned ranks, so matmul r
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -44,6 +43,9 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from dualpipe_plugin.launch import run_local
+from tests.runtime.harness import one_thread
 
 __all__ = [
     "Case",
@@ -65,6 +67,8 @@ __all__ = [
     "run_deepspeed_cases",
     "initialize_pipeline_engine",
     "merge_rank_params",
+    "launch_case",
+    "assert_bit_exact",
     "reference_run",
     "params_max_diff",
     "run_checkpoint_rank",
@@ -443,17 +447,24 @@ def params_max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> d
     return {name: float((a[name] - b[name]).abs().max()) for name in a}
 
 
+def launch_case(case: Case, engine_factory: Callable | None = None) -> list[RankResult]:
+    """``case`` on its own spawned gloo world: one :class:`RankResult` per rank."""
+    return run_local(run_deepspeed_rank, case.world_size, args=(case, engine_factory), timeout_s=240)
+
+
+def assert_bit_exact(results: Sequence[RankResult], ref: RunResult) -> None:
+    """Every rank's losses (and eval loss) and every replica's parameters equal the reference bit for bit."""
+    for result in results:
+        assert result.losses == ref.losses, f"rank {result.rank}: {result.losses} != {ref.losses}"
+        if ref.eval_loss is not None:
+            assert result.eval_loss == ref.eval_loss, f"rank {result.rank}: eval {result.eval_loss} != {ref.eval_loss}"
+    for dp_id in {r.dp_id for r in results}:
+        merged = merge_rank_params(results, dp_id)  # also: every copy of a parameter agrees bitwise
+        diffs = params_max_diff(merged, ref.params)
+        assert all(torch.equal(merged[n], ref.params[n]) for n in merged), f"dp {dp_id}: {diffs}"
+
+
 # --- the single-process reference -------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 class _ReferenceModel:
@@ -539,7 +550,7 @@ def reference_run(case: Case, *, global_clip: bool = False) -> RunResult:
     """
     if case.dp > 2:
         raise ValueError(f"the reference sums replicas in one fixed order; dp={case.dp} > 2 is not bit-exact")
-    with _one_thread():
+    with one_thread():
         model = _ReferenceModel(case)
         params = model.all_params()
         if case.optimizer == "sgd":

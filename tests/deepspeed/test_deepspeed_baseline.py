@@ -12,40 +12,23 @@ from dataclasses import replace
 from functools import partial
 
 import pytest
-import torch
 
 pytest.importorskip("deepspeed")
 
 from deepspeed.runtime.pipe import schedule  # noqa: E402
 from deepspeed.runtime.pipe.engine import PipelineEngine  # noqa: E402
 
-from dualpipe_plugin.launch import run_local  # noqa: E402
-
 from .harness import (  # noqa: E402
     Case,
+    assert_bit_exact,
     initialize_pipeline_engine,
+    launch_case,
     merge_rank_params,
     params_max_diff,
     reference_run,
-    run_deepspeed_rank,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.deepspeed]
-
-
-def _run(case: Case, engine_factory=None):
-    return run_local(run_deepspeed_rank, case.world_size, args=(case, engine_factory), timeout_s=240)
-
-
-def _assert_bit_exact(results, ref) -> None:
-    for result in results:
-        assert result.losses == ref.losses, f"rank {result.rank}: {result.losses} != {ref.losses}"
-        if ref.eval_loss is not None:
-            assert result.eval_loss == ref.eval_loss, f"rank {result.rank}: eval {result.eval_loss} != {ref.eval_loss}"
-    for dp_id in {r.dp_id for r in results}:
-        merged = merge_rank_params(results, dp_id)
-        diffs = params_max_diff(merged, ref.params)
-        assert all(torch.equal(merged[n], ref.params[n]) for n in merged), f"dp {dp_id}: {diffs}"
 
 
 @pytest.mark.parametrize(
@@ -60,15 +43,15 @@ def _assert_bit_exact(results, ref) -> None:
     ],
 )
 def test_train_schedule_matches_reference_bit_exact(case: Case) -> None:
-    _assert_bit_exact(_run(case), reference_run(case))
+    assert_bit_exact(launch_case(case), reference_run(case))
 
 
 def test_pipe_and_data_parallel_zero1_bit_exact() -> None:
     """P=2 x DP=2 with ZeRO-1 (partitioned optimizer states), a tied pair across stages and eval_batch."""
     case = Case(num_stages=2, dp=2, zero_stage=1, tied=True, optimizer="adam", lr=0.01, eval_after=True)
-    results = _run(case)
+    results = launch_case(case)
     assert sorted((r.stage_id, r.dp_id) for r in results) == [(0, 0), (0, 1), (1, 0), (1, 1)]
-    _assert_bit_exact(results, reference_run(case))
+    assert_bit_exact(results, reference_run(case))
 
 
 def test_fp32_clipping_counts_stage0_parameters_only() -> None:
@@ -79,8 +62,8 @@ def test_fp32_clipping_counts_stage0_parameters_only() -> None:
     mirrored placement) therefore clips with a different norm unless it replaces this rule.
     """
     case = Case(num_stages=2, tied=True, gradient_clipping=0.002)
-    results = _run(case)
-    _assert_bit_exact(results, reference_run(case))
+    results = launch_case(case)
+    assert_bit_exact(results, reference_run(case))
     # The clip is active, and the true global norm would have given other weights.
     unclipped = reference_run(replace(case, gradient_clipping=0.0))
     assert results[0].losses[1:] != unclipped.losses[1:]
@@ -88,7 +71,7 @@ def test_fp32_clipping_counts_stage0_parameters_only() -> None:
 
 def test_bf16_close_to_fp32_reference() -> None:
     case = Case(num_stages=2, bf16=True)
-    results = _run(case)
+    results = launch_case(case)
     ref = reference_run(case)  # fp32 arithmetic throughout
     for result in results:
         assert result.losses == results[0].losses
@@ -118,7 +101,7 @@ class _CountingEngine(PipelineEngine):
 def test_engine_subclass_built_without_deepspeed_initialize() -> None:
     """A PipelineEngine subclass built by initialize_pipeline_engine trains like deepspeed.initialize's engine."""
     case = Case(num_stages=2)
-    results = _run(case, engine_factory=partial(initialize_pipeline_engine, _CountingEngine))
-    _assert_bit_exact(results, reference_run(case))
+    results = launch_case(case, engine_factory=partial(initialize_pipeline_engine, _CountingEngine))
+    assert_bit_exact(results, reference_run(case))
     for result in results:
         assert result.extras == {"ForwardPass": case.steps * case.micro_batches, "BackwardPass": 0}

@@ -34,6 +34,8 @@ from dualpipe_plugin.launch import run_local  # noqa: E402
 from .harness import (  # noqa: E402
     Case,
     RunResult,
+    assert_bit_exact,
+    launch_case,
     merge_rank_params,
     params_max_diff,
     reference_run,
@@ -41,7 +43,6 @@ from .harness import (  # noqa: E402
     run_checkpoint_rank,
     run_config_file_rank,
     run_deepspeed_cases,
-    run_deepspeed_rank,
 )
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -54,21 +55,6 @@ def _ours(case: Case, schedule: str | None, **pipeline) -> Case:
     if schedule is not None:
         settings["schedule"] = schedule
     return replace(case, plugin=True, pipeline=settings)
-
-
-def _run(case: Case):
-    return run_local(run_deepspeed_rank, case.world_size, args=(case,), timeout_s=240)
-
-
-def _assert_bit_exact(results, ref) -> None:
-    for result in results:
-        assert result.losses == ref.losses, f"rank {result.rank}: {result.losses} != {ref.losses}"
-        if ref.eval_loss is not None:
-            assert result.eval_loss == ref.eval_loss, f"rank {result.rank}: eval {result.eval_loss} != {ref.eval_loss}"
-    for dp_id in {r.dp_id for r in results}:
-        merged = merge_rank_params(results, dp_id)  # also: every copy of a parameter agrees bitwise
-        diffs = params_max_diff(merged, ref.params)
-        assert all(torch.equal(merged[n], ref.params[n]) for n in merged), f"dp {dp_id}: {diffs}"
 
 
 def _assert_close(results, ref, *, loss_rel: float, param_abs: float) -> None:
@@ -154,7 +140,7 @@ def test_without_a_schedule_the_engine_is_deepspeeds() -> None:
         assert (a.losses, a.eval_loss) == (b.losses, b.eval_loss)
         assert a.params.keys() == b.params.keys()
         assert all(torch.equal(a.params[n], b.params[n]) for n in a.params)
-    _assert_bit_exact(ours, reference_run(case))
+    assert_bit_exact(ours, reference_run(case))
 
 
 @pytest.mark.slow
@@ -176,14 +162,14 @@ def test_schedules_match_train_schedule() -> None:
         if schedule == "dualpipe":
             _assert_close(results, ref, loss_rel=1e-6, param_abs=1e-6)
         else:
-            _assert_bit_exact(results, ref)
+            assert_bit_exact(results, ref)
 
 
 @pytest.mark.slow
 @pytest.mark.deepspeed
 def test_dualpipev_four_ranks_bit_exact() -> None:
     case = Case(num_stages=4, micro_batches=8, num_layers=12, eval_after=True)
-    _assert_bit_exact(_run(_ours(case, "dualpipev")), reference_run(case))
+    assert_bit_exact(launch_case(_ours(case, "dualpipev")), reference_run(case))
 
 
 @pytest.mark.slow
@@ -203,7 +189,7 @@ def test_tie_on_one_rank_clipping_and_overlap_path() -> None:
     assert tied_results[0].losses[1:] != pytest.approx(unclipped.losses[1:], rel=1e-4), "the clip is active"
 
     assert {r.engine for r in staged_results} == {"DualPipeEngine:dualpipev+overlap"}
-    _assert_bit_exact(staged_results, reference_run(staged))
+    assert_bit_exact(staged_results, reference_run(staged))
 
 
 @pytest.mark.slow
@@ -222,7 +208,7 @@ def test_zero1_with_data_parallel() -> None:
             unclipped = reference_run(replace(case, gradient_clipping=0.0))
             assert results[0].losses[1:] != pytest.approx(unclipped.losses[1:], rel=1e-4), "the clip is active"
         else:
-            _assert_bit_exact(results, reference_run(case))
+            assert_bit_exact(results, reference_run(case))
 
 
 @pytest.mark.slow
@@ -241,7 +227,7 @@ def test_bf16_against_deepspeeds_bf16() -> None:
     v_ours, v_stock, d_ours, d_stock = _run_many(
         [_ours(v_case, "dualpipev"), v_case, _ours(d_case, "dualpipe"), d_case])
     v_ref = merge_rank_params(v_stock)
-    _assert_bit_exact(v_ours, RunResult(v_stock[0].losses, v_ref))
+    assert_bit_exact(v_ours, RunResult(v_stock[0].losses, v_ref))
     _assert_close(d_ours, RunResult(d_stock[0].losses, merge_rank_params(d_stock)), loss_rel=1e-3,
                   param_abs=2.0**-8)
 

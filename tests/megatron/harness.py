@@ -1,8 +1,11 @@
-"""Test helpers: a tiny Megatron-Core GPT on CPU/gloo, driven by Megatron's own schedules.
+"""Test helpers: the reference tiny Megatron-Core GPT on CPU/gloo, driven by Megatron's own schedules or
+the plugin's.
 
-The Megatron parts run inside the ranks of :func:`dualpipe_plugin.launch.run_local` (a gloo world),
-with :func:`dualpipe_plugin.megatron.enable_cpu_mode` active; the specs and comparisons run anywhere.
-Usage (as in ``tests/megatron/test_cpu_mode.py``)::
+The model, its config, ``forward_step``/``loss_func`` and ``parallel_state`` set-up come from
+:mod:`dualpipe_plugin.reference.megatron_gpt` (shared with ``launch/pretrain_gpt.py`` and the benchmarks);
+this module adds what only tests need. The Megatron parts run inside the ranks of
+:func:`dualpipe_plugin.launch.run_local` (a gloo world), with :func:`dualpipe_plugin.megatron.enable_cpu_mode`
+active; the specs and comparisons run anywhere. Usage (as in ``tests/megatron/test_cpu_mode.py``)::
 
     spec = RunSpec(model=TinyGPT(num_layers=4), parallel=Parallel(pp=2), num_microbatches=4)
     got = merge_results(run_local(run_megatron, 2, args=(spec,)))
@@ -12,16 +15,12 @@ Usage (as in ``tests/megatron/test_cpu_mode.py``)::
 
 The pieces, in the order a test uses them:
 
-- :func:`init_parallel` builds Megatron's ``parallel_state`` on the gloo world for (tp, pp, vp, ep) and
-  seeds torch plus Megatron's RNG tracker (``model_parallel_cuda_manual_seed``, CPU states in CPU mode).
-- :func:`build_model` builds one ``GPTModel`` chunk per virtual stage from ``get_gpt_layer_local_spec``
-  (no Transformer Engine, no apex) with ``pre_process``/``post_process`` set for the chunk, then
-  overwrites every parameter from a generator seeded by the parameter's *global* name, so that any
-  pipeline / expert layout starts from the same weights as the single-process reference.
-- :func:`make_batches` / :func:`data_iterator` give synthetic, deterministic micro-batches keyed by
-  (iteration, global micro-batch index).
-- :func:`forward_step` is Megatron-LM's ``forward_step_func`` convention (output tensor + loss-function
-  partial returning ``(loss_sum, num_tokens, {'lm loss': [loss_sum, num_tokens]})``).
+- :func:`build_model` builds this rank's ``GPTModel`` chunks (Megatron's placement, or the plugin's for a
+  plugin schedule) and overwrites every parameter from a generator seeded by the parameter's *global*
+  name (:func:`~dualpipe_plugin.reference.megatron_names.init_for_comparison`), so that any pipeline /
+  expert layout starts from the same weights as the single-process reference.
+- :func:`make_batches` / :func:`data_iterator` give random, deterministic micro-batches with a random loss
+  mask, keyed by (iteration, global micro-batch index).
 - :func:`run_megatron` runs N iterations of ``get_forward_backward_func()`` under Megatron's DDP wrapper
   and ``finalize_model_grads`` (optionally ``get_megatron_optimizer`` steps), returning per-iteration loss
   as Megatron-LM's ``train_step`` reports it and every gradient keyed by a stable global name
@@ -32,31 +31,31 @@ The pieces, in the order a test uses them:
 
 from __future__ import annotations
 
-import re
-import zlib
 from dataclasses import dataclass, field, replace
-from functools import partial
 from typing import Any, Iterator
 
 import numpy as np
 
+from dualpipe_plugin.reference.megatron_gpt import (
+    Parallel,
+    TinyGPT,
+    batch_from_stream,
+    destroy_parallel,
+    forward_step,
+    init_parallel,
+    megatron_placement_chunks,
+    model_provider,
+    transformer_config,
+)
+from dualpipe_plugin.reference.megatron_names import global_param_names, init_for_comparison, name_seeded_generator
+
 __all__ = [
-    "TIED_EMBEDDING",
-    "Parallel",
-    "TinyGPT",
     "RunSpec",
     "RankResult",
     "Merged",
-    "init_parallel",
-    "destroy_parallel",
-    "transformer_config",
     "build_model",
-    "gpt_provider",
-    "global_param_names",
     "make_batches",
     "data_iterator",
-    "forward_step",
-    "loss_func",
     "run_megatron",
     "run_megatron_specs",
     "merge_results",
@@ -65,41 +64,7 @@ __all__ = [
     "max_abs_diff",
 ]
 
-
-TIED_EMBEDDING = "embedding.word_embeddings.weight"
-"""Global name of the word embedding; with tied embeddings the last stage's output-layer copy too."""
-
 # --------------------------------------------------------------------------------------------- specs
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class Parallel:
-    """Megatron parallel sizes; data parallel is whatever the world size leaves over."""
-
-    tp: int = 1
-    pp: int = 1
-    vp: int | None = None
-    """Virtual pipeline size (model chunks per pipeline rank); ``None`` = non-interleaved."""
-    ep: int = 1
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class TinyGPT:
-    """A GPT small enough for 2–4 CPU ranks (fp32, local spec)."""
-
-    vocab_size: int = 64
-    hidden_size: int = 32
-    num_layers: int = 4
-    num_attention_heads: int = 4
-    ffn_hidden_size: int = 64
-    seq_length: int = 16
-    micro_batch_size: int = 2
-    share_embeddings: bool = True
-    """Tie word embedding and output layer (exercises the embedding group across PP)."""
-    num_moe_experts: int | None = None
-    """``None``: dense MLP. Otherwise MoE in every layer with the alltoall token dispatcher."""
-    moe_router_topk: int = 2
-    seed: int = 1234
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -155,260 +120,45 @@ class Merged:
     grads: list[dict[str, np.ndarray]]
 
 
-# ------------------------------------------------------------------------------------ parallel state
-
-
-def init_parallel(parallel: Parallel, seed: int, *, gloo_groups: bool = False) -> None:
-    """Initialise ``parallel_state`` for ``parallel`` on the (already initialised) gloo world; seed RNGs.
-
-    ``gloo_groups`` creates Megatron's extra ``*_GLOO`` groups, which ``get_megatron_optimizer`` uses
-    by default (``use_gloo_process_groups=True``); the default backend here is gloo already.
-    """
-    import torch
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
-    parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=parallel.tp,
-        pipeline_model_parallel_size=parallel.pp,
-        virtual_pipeline_model_parallel_size=parallel.vp,
-        expert_model_parallel_size=parallel.ep,
-        create_gloo_process_groups=gloo_groups,
-    )
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
-
-
-def destroy_parallel() -> None:
-    from megatron.core import parallel_state
-
-    parallel_state.destroy_model_parallel()
-
-
 # --------------------------------------------------------------------------------------------- model
 
 
-def transformer_config(tiny: TinyGPT, parallel: Parallel, **overrides):
-    """The ``TransformerConfig`` for ``tiny`` under ``parallel``: fp32, no fusions, no dropout.
-
-    Pipeline communication defaults to what works on gloo: ``batch_p2p_comm=False`` (see
-    :mod:`dualpipe_plugin.megatron.cpu_mode`, "Pipeline settings on gloo").
-    """
-    import torch
-    from megatron.core.transformer import TransformerConfig
-
-    kwargs: dict[str, Any] = dict(
-        num_layers=tiny.num_layers,
-        hidden_size=tiny.hidden_size,
-        num_attention_heads=tiny.num_attention_heads,
-        ffn_hidden_size=tiny.ffn_hidden_size,
-        tensor_model_parallel_size=parallel.tp,
-        pipeline_model_parallel_size=parallel.pp,
-        virtual_pipeline_model_parallel_size=parallel.vp,
-        expert_model_parallel_size=parallel.ep,
-        params_dtype=torch.float32,
-        pipeline_dtype=torch.float32,
-        use_cpu_initialization=True,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        gradient_accumulation_fusion=False,
-        persist_layer_norm=False,
-        apply_rope_fusion=False,
-        batch_p2p_comm=False,
-        overlap_p2p_comm=False,
-        deallocate_pipeline_outputs=False,
-    )
-    if tiny.num_moe_experts is not None:
-        kwargs.update(
-            num_moe_experts=tiny.num_moe_experts,
-            moe_router_topk=tiny.moe_router_topk,
-            moe_token_dispatcher_type="alltoall",
-            moe_router_load_balancing_type="aux_loss",
-            moe_aux_loss_coeff=1e-2,
-            moe_grouped_gemm=False,
-            moe_permute_fusion=False,
-            moe_ffn_hidden_size=tiny.ffn_hidden_size,
-            # Megatron-Core 0.16.1's SequentialMLP expert adds its bias in place to the (as-is
-            # returned) output of _ReduceFromModelParallelRegion at TP=1, which autograd forbids on any
-            # device; MoE models (DeepSeek, Mixtral) have no linear biases anyway.
-            add_bias_linear=False,
-        )
-    kwargs.update(overrides)
-    if parallel.pp == 2 and parallel.vp is not None and kwargs["batch_p2p_comm"]:
-        raise ValueError(
-            "batch_p2p_comm=True with PP=2 and interleaving swaps activations and gradients silently "
-            "(both directions go to the one peer in one batch); use batch_p2p_comm=False"
-        )
-    return TransformerConfig(**kwargs)
-
-
-def _stable_seed(base: int, name: str) -> int:
-    return (base * 1_000_003 + zlib.crc32(name.encode())) % 2**63
-
-
-def global_param_names(chunk) -> dict[str, str]:
-    """``{local parameter name: global name}`` for one model chunk (optionally DDP-wrapped).
-
-    Local names count layers and experts from 0 on each rank; global names use the transformer layer's
-    own ``layer_number`` (1-based, offset included) minus one and the expert's global index, so
-    gradients from different pipeline / expert layouts can be compared key by key. When the word
-    embedding is tied, the last stage's ``output_layer.weight`` copy is named like the embedding.
-    """
-    from megatron.core import parallel_state
-
-    module = getattr(chunk, "module", chunk)
-    layer_numbers = [layer.layer_number - 1 for layer in module.decoder.layers]
-    names: dict[str, str] = {}
-    for name, _ in module.named_parameters():
-        global_name = name
-        match = re.match(r"decoder\.layers\.(\d+)\.(.*)", name)
-        if match:
-            global_name = f"decoder.layers.{layer_numbers[int(match.group(1))]}.{match.group(2)}"
-        match = re.match(r"(.*\.local_experts)\.(\d+)\.(.*)", global_name)
-        if match:
-            mlp = module.decoder.layers[int(re.match(r"decoder\.layers\.(\d+)", name).group(1))].mlp
-            num_local = mlp.num_local_experts
-            ep_rank = parallel_state.get_expert_model_parallel_rank()
-            global_name = f"{match.group(1)}.{ep_rank * num_local + int(match.group(2))}.{match.group(3)}"
-        if name == "output_layer.weight" and module.share_embeddings_and_output_weights:
-            global_name = TIED_EMBEDDING
-        names[name] = global_name
-    return names
-
-
-def _deterministic_init(chunk, seed: int) -> None:
-    import torch
-
-    module = getattr(chunk, "module", chunk)
-    params = dict(module.named_parameters())
-    with torch.no_grad():
-        for local, global_name in global_param_names(module).items():
-            param = params[local]
-            gen = torch.Generator().manual_seed(_stable_seed(seed, global_name))
-            noise = torch.randn(param.shape, generator=gen, dtype=torch.float32)
-            if "layernorm" in global_name or "norm." in global_name:
-                value = (1.0 if global_name.endswith("weight") else 0.0) + 0.1 * noise
-            else:
-                value = 0.05 * noise
-            param.copy_(value.to(param.dtype))
-
-
-def gpt_provider(tiny: TinyGPT, config):
-    """Megatron-LM's ``model_provider(pre_process, post_process, vp_stage)`` for ``tiny``."""
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-
-    spec = get_gpt_layer_local_spec(num_experts=tiny.num_moe_experts, moe_grouped_gemm=False)
-
-    def provider(pre_process: bool, post_process: bool, vp_stage: int | None = None):
-        chunk = GPTModel(
-            config=config,
-            transformer_layer_spec=spec,
-            vocab_size=tiny.vocab_size,
-            max_sequence_length=tiny.seq_length,
-            pre_process=pre_process,
-            post_process=post_process,
-            share_embeddings_and_output_weights=tiny.share_embeddings,
-            vp_stage=vp_stage,
-        )
-        _deterministic_init(chunk, tiny.seed)
-        return chunk
-
-    return provider
-
-
 def build_model(tiny: TinyGPT, parallel: Parallel, config, schedule: str | None = None) -> list:
-    """One ``GPTModel`` per virtual stage on this rank, ``pre_process``/``post_process`` per chunk.
+    """This rank's chunks of ``tiny`` (weights :func:`init_for_comparison`), ``pre_process``/``post_process``
+    per chunk.
 
     With a dualpipe_plugin ``schedule`` the config is configured for it and the chunks come from
     ``build_model_chunks`` (the plugin's placement); otherwise Megatron's placement is used.
     """
-    from megatron.core import parallel_state
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    provider = model_provider(tiny, config, init=init_for_comparison)
+    if schedule is None:
+        return megatron_placement_chunks(provider, parallel.vp)
+    from dualpipe_plugin.megatron import build_model_chunks, configure_model_config
 
-    if schedule is not None:
-        from dualpipe_plugin.megatron import build_model_chunks, configure_model_config
-
-        configure_model_config(config, schedule)
-        return build_model_chunks(gpt_provider(tiny, config), config)
-    spec = get_gpt_layer_local_spec(num_experts=tiny.num_moe_experts, moe_grouped_gemm=False)
-    chunks = []
-    for vp_stage in range(parallel.vp or 1):
-        vp = vp_stage if parallel.vp is not None else None
-        chunk = GPTModel(
-            config=config,
-            transformer_layer_spec=spec,
-            vocab_size=tiny.vocab_size,
-            max_sequence_length=tiny.seq_length,
-            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
-            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
-            share_embeddings_and_output_weights=tiny.share_embeddings,
-            vp_stage=vp,
-        )
-        _deterministic_init(chunk, tiny.seed)
-        chunks.append(chunk)
-    return chunks
+    configure_model_config(config, schedule)
+    return build_model_chunks(provider, config)
 
 
 # ---------------------------------------------------------------------------------------------- data
 
 
 def make_batches(tiny: TinyGPT, iteration: int, first_microbatch: int, count: int) -> list[dict]:
-    """``count`` micro-batches numbered from ``first_microbatch`` (global index) in ``iteration``."""
+    """``count`` micro-batches numbered from ``first_microbatch`` (global index) in ``iteration``: random
+    tokens and a random loss mask (about 80% of the tokens count; never none)."""
     import torch
 
     batches = []
     for mb in range(first_microbatch, first_microbatch + count):
-        gen = torch.Generator().manual_seed(_stable_seed(tiny.seed, f"data/{iteration}/{mb}"))
-        shape = (tiny.micro_batch_size, tiny.seq_length + 1)
-        stream = torch.randint(0, tiny.vocab_size, shape, generator=gen)
+        gen = name_seeded_generator(tiny.seed, f"data/{iteration}/{mb}")
+        stream = torch.randint(0, tiny.vocab_size, (tiny.micro_batch_size, tiny.seq_length + 1), generator=gen)
         loss_mask = (torch.rand(tiny.micro_batch_size, tiny.seq_length, generator=gen) > 0.2).float()
         loss_mask[:, 0] = 1.0  # never an all-masked micro-batch
-        batches.append(
-            dict(
-                tokens=stream[:, :-1].contiguous(),
-                labels=stream[:, 1:].contiguous(),
-                loss_mask=loss_mask,
-                position_ids=torch.arange(tiny.seq_length).unsqueeze(0).expand(shape[0], -1).contiguous(),
-            )
-        )
+        batches.append(batch_from_stream(stream, loss_mask))
     return batches
 
 
 def data_iterator(batches: list[dict]) -> Iterator[dict]:
     return iter(list(batches))
-
-
-# ------------------------------------------------------------------------------- forward step / loss
-
-
-def loss_func(loss_mask, output_tensor):
-    """Megatron-LM's GPT loss convention: ``(sum of masked losses, num_tokens, report)``.
-
-    With ``config.calculate_per_token_loss=False`` the schedule divides the first element by
-    ``num_tokens`` and by the number of micro-batches before backward.
-    """
-    import torch
-
-    losses = output_tensor.float().view(-1)
-    mask = loss_mask.view(-1).float()
-    loss = torch.sum(losses * mask)
-    num_tokens = mask.sum().clone().detach().to(torch.int)
-    report = torch.cat([loss.clone().detach().view(1), num_tokens.view(1).float()])
-    return loss, num_tokens, {"lm loss": report}
-
-
-def forward_step(data_iterator, model):
-    """Megatron's ``forward_step_func``: returns the model output and a loss-function partial."""
-    batch = next(data_iterator)
-    # attention_mask=None: the local spec's causal softmax builds its own mask.
-    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-    return output, partial(loss_func, batch["loss_mask"])
 
 
 # ----------------------------------------------------------------------------------------------- run

@@ -27,17 +27,17 @@ import sys
 import pytest
 
 from dualpipe_plugin.launch import run_local
+from dualpipe_plugin.reference.megatron_gpt import Parallel, TinyGPT
+from dualpipe_plugin.reference.megatron_names import TIED_EMBEDDING
 from tests.megatron.harness import (
-    TIED_EMBEDDING,
-    Parallel,
     RunSpec,
-    TinyGPT,
     compare_grads,
     merge_results,
     reference_spec,
     run_megatron,
     run_megatron_specs,
 )
+from tests.megatron.marks import megatron_test
 
 DENSE = TinyGPT(num_layers=4)
 MOE = TinyGPT(num_layers=2, num_moe_experts=4, moe_router_topk=2)
@@ -46,17 +46,6 @@ TIMEOUT_S = 240
 
 def _run(spec: RunSpec, world_size: int):
     return merge_results(run_local(run_megatron, world_size, args=(spec,), timeout_s=TIMEOUT_S))
-
-
-def megatron_test(test):
-    """Marks a test slow + megatron and skips it where Megatron-Core is not installed."""
-    test = pytest.mark.usefixtures("megatron_core")(test)
-    return pytest.mark.slow(pytest.mark.megatron(test))
-
-
-@pytest.fixture(scope="module")
-def megatron_core():
-    return pytest.importorskip("megatron.core")
 
 
 @pytest.fixture(scope="module")

@@ -33,19 +33,10 @@ from functools import partial
 import pytest
 
 from dualpipe_plugin.launch import run_local
+from tests.megatron.marks import megatron_test
 
 TIMEOUT_S = 240
 NUM_MICROBATCHES = 4
-
-
-def megatron_test(test):
-    test = pytest.mark.usefixtures("megatron_core")(test)
-    return pytest.mark.slow(pytest.mark.megatron(test))
-
-
-@pytest.fixture(scope="module")
-def megatron_core():
-    return pytest.importorskip("megatron.core")
 
 
 # ------------------------------------------------------------------------------------ worker helpers
@@ -74,7 +65,7 @@ def _gpt(tiny, config, *, pre=True, post=True, rope=False):
 
     from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
 
-    from tests.megatron.harness import _deterministic_init
+    from dualpipe_plugin.reference.megatron_names import init_for_comparison
 
     # Megatron's aux-loss log is a process-global sized by the first model's layer count.
     get_moe_layer_wise_logging_tracker().clear()
@@ -85,7 +76,7 @@ def _gpt(tiny, config, *, pre=True, post=True, rope=False):
         share_embeddings_and_output_weights=tiny.share_embeddings,
         position_embedding_type="rope" if rope else "learned_absolute",
     )
-    _deterministic_init(gpt, tiny.seed)
+    init_for_comparison(gpt, tiny.seed)
     return gpt
 
 
@@ -119,7 +110,7 @@ def _check_layers(rank, tiny_moe, tiny_dense, par) -> dict:
 
     from dualpipe_plugin.megatron.moe_overlap import MegatronLayerStages, MegatronOverlapError
     from dualpipe_plugin.runtime.staged import StagedChunk
-    from tests.megatron.harness import Parallel, transformer_config
+    from dualpipe_plugin.reference.megatron_gpt import Parallel, transformer_config
 
     out = {}
     cases = (
@@ -188,7 +179,8 @@ def _check_chunks(rank, tiny, par) -> list[dict]:
     from megatron.core.transformer.module import Float16Module
 
     from dualpipe_plugin.megatron.moe_overlap import megatron_staged_chunk
-    from tests.megatron.harness import make_batches, transformer_config
+    from dualpipe_plugin.reference.megatron_gpt import transformer_config
+    from tests.megatron.harness import make_batches
 
     batch = make_batches(tiny, 0, rank, 1)[0]
     cases = [(rope, tied, False) for rope in (False, True) for tied in (True, False)] + [(False, True, True)]
@@ -244,7 +236,7 @@ def _check_pair(rank, tiny, par) -> dict:
     from dualpipe_plugin.megatron.moe_overlap import megatron_staged_chunk
     from dualpipe_plugin.runtime.overlap import Side, run_pair_sides
     from dualpipe_plugin.runtime.staged import claim_backward
-    from tests.megatron.harness import transformer_config
+    from dualpipe_plugin.reference.megatron_gpt import transformer_config
 
     gpt = _gpt(tiny, transformer_config(tiny, par), pre=False, post=False)
     a = megatron_staged_chunk(gpt, layers=slice(0, 2))
@@ -396,7 +388,8 @@ def _check_pipeline_p1(rank, tiny, par) -> dict:
 
     from dualpipe_plugin.megatron.moe_overlap import megatron_staged_chunk
     from dualpipe_plugin.runtime.transport import TorchTransport, new_pipeline_groups
-    from tests.megatron.harness import make_batches, transformer_config
+    from dualpipe_plugin.reference.megatron_gpt import transformer_config
+    from tests.megatron.harness import make_batches
 
     groups = new_pipeline_groups([[r] for r in range(dist.get_world_size())])
     transport = TorchTransport([rank], groups=groups[rank])
@@ -415,7 +408,7 @@ def run_p1(rank: int, world_size: int) -> dict:
     from dataclasses import replace
 
     from dualpipe_plugin.megatron import enable_cpu_mode
-    from tests.megatron.harness import Parallel, TinyGPT, destroy_parallel, init_parallel
+    from dualpipe_plugin.reference.megatron_gpt import Parallel, TinyGPT, destroy_parallel, init_parallel
 
     moe = TinyGPT(num_layers=4, num_moe_experts=4, moe_router_topk=2, share_embeddings=False)
     par = Parallel(ep=world_size)
@@ -440,9 +433,10 @@ def run_p2_ep2(rank: int, world_size: int) -> dict:
     from dualpipe_plugin.megatron import enable_cpu_mode
     from dualpipe_plugin.megatron.moe_overlap import megatron_staged_chunk
     from dualpipe_plugin.runtime.transport import TorchTransport, new_pipeline_groups
-    from tests.megatron.harness import (
-        Parallel, TinyGPT, destroy_parallel, init_parallel, make_batches, transformer_config,
+    from dualpipe_plugin.reference.megatron_gpt import (
+        Parallel, TinyGPT, destroy_parallel, init_parallel, transformer_config,
     )
+    from tests.megatron.harness import make_batches
 
     moe = TinyGPT(num_layers=4, num_moe_experts=4, moe_router_topk=2, share_embeddings=False)
     par = Parallel(ep=2)

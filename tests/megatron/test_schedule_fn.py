@@ -33,16 +33,16 @@ import numpy as np
 import pytest
 
 from dualpipe_plugin.launch import run_local
+from dualpipe_plugin.reference.megatron_gpt import Parallel, TinyGPT
+from dualpipe_plugin.reference.megatron_names import TIED_EMBEDDING
 from tests.megatron.harness import (
-    TIED_EMBEDDING,
-    Parallel,
     RunSpec,
-    TinyGPT,
     compare_grads,
     merge_results,
     reference_spec,
     run_megatron_specs,
 )
+from tests.megatron.marks import megatron_test
 
 DENSE4 = TinyGPT(num_layers=4)
 UNTIED4 = TinyGPT(num_layers=4, share_embeddings=False)
@@ -98,16 +98,6 @@ REFERENCE_SPECS = {
 }
 
 
-def megatron_test(test):
-    test = pytest.mark.usefixtures("megatron_core")(test)
-    return pytest.mark.slow(pytest.mark.megatron(test))
-
-
-@pytest.fixture(scope="module")
-def megatron_core():
-    return pytest.importorskip("megatron.core")
-
-
 def _launch(specs: dict[str, RunSpec], world_size: int) -> dict:
     names = list(specs)
     per_rank = run_local(run_megatron_specs, world_size, args=(tuple(specs[n] for n in names),), timeout_s=TIMEOUT_S)
@@ -139,6 +129,22 @@ def _same_losses(got, want) -> None:
     assert got.losses == want.losses
 
 
+def _assert_v_schedule_equals(got, interleaved, reference) -> None:
+    """Bit for bit Megatron interleaved on the same 2P stages; the unpipelined reference except the tied
+    embedding."""
+    _same_losses(got, interleaved)
+    compare_grads(got.grads[0], interleaved.grads[0], exact=True)
+    _same_losses(got, reference)
+    compare_grads(got.grads[0], reference.grads[0], exact=True, approx={TIED_EMBEDDING})
+
+
+def _assert_dualpipe_matches(got, megatron_1f1b, reference) -> None:
+    """Losses bit for bit; gradients to rtol 1e-5 / atol 1e-7 (each copy sums half the micro-batches)."""
+    _same_losses(got, megatron_1f1b)
+    _same_losses(got, reference)
+    compare_grads(got.grads[0], megatron_1f1b.grads[0], exact=False, rtol=1e-5, atol=1e-7)
+
+
 # ---------------------------------------------------------------------------------- probes (2 ranks)
 
 
@@ -154,15 +160,13 @@ def _probe_weight_split() -> dict:
 
     from dualpipe_plugin.megatron import enable_cpu_mode
     from dualpipe_plugin.megatron.schedule_fn import PipelineScheduleFunction
-    from tests.megatron.harness import (
-        build_model,
-        data_iterator,
+    from dualpipe_plugin.reference.megatron_gpt import (
         destroy_parallel,
         forward_step,
         init_parallel,
-        make_batches,
         transformer_config,
     )
+    from tests.megatron.harness import build_model, data_iterator, make_batches
 
     out = {}
     with enable_cpu_mode():
@@ -200,7 +204,8 @@ def _probe_weight_split() -> dict:
 def _probe_checkpoint_keys() -> dict:
     """Sharded-state-dict entries (key, global offset, replica) of every chunk for three layouts."""
     from dualpipe_plugin.megatron import enable_cpu_mode
-    from tests.megatron.harness import build_model, destroy_parallel, init_parallel, transformer_config
+    from dualpipe_plugin.reference.megatron_gpt import destroy_parallel, init_parallel, transformer_config
+    from tests.megatron.harness import build_model
 
     out = {}
     with enable_cpu_mode():
@@ -234,11 +239,7 @@ def test_1f1b_and_zb1p_equal_megatrons_1f1b_bit_for_bit(schedule, pp2, refs):
 @megatron_test
 @pytest.mark.parametrize("schedule", ["dualpipev", "zbv"])
 def test_v_schedules_p2_equal_megatron_interleaved_and_reference(schedule, pp2, refs):
-    got = pp2[schedule]
-    _same_losses(got, pp2["megatron_interleaved"])
-    compare_grads(got.grads[0], pp2["megatron_interleaved"].grads[0], exact=True)
-    _same_losses(got, refs["dense4_c4"])
-    compare_grads(got.grads[0], refs["dense4_c4"].grads[0], exact=True, approx={TIED_EMBEDDING})
+    _assert_v_schedule_equals(pp2[schedule], pp2["megatron_interleaved"], refs["dense4_c4"])
 
 
 @megatron_test
@@ -260,10 +261,7 @@ def test_dualpipev_one_shared_iterator_and_odd_microbatch_count(pp2, refs):
 @pytest.mark.parametrize("name", ["dualpipe", "dualpipe_shared"])
 def test_dualpipe_p2_matches_megatron_1f1b(name, pp2, refs):
     # merge_results already asserted that both mirrored copies of every stage hold identical gradients.
-    got = pp2[name]
-    _same_losses(got, pp2["megatron_1f1b"])
-    _same_losses(got, refs["dense4_c4"])
-    compare_grads(got.grads[0], pp2["megatron_1f1b"].grads[0], exact=False, rtol=1e-5, atol=1e-7)
+    _assert_dualpipe_matches(pp2[name], pp2["megatron_1f1b"], refs["dense4_c4"])
 
 
 @megatron_test
@@ -310,19 +308,12 @@ def test_checkpoint_keys_are_global_layer_numbers(pp2):
 
 @megatron_test
 def test_dualpipev_p4_equals_megatron_interleaved_and_reference(pp4, refs):
-    got = pp4["dualpipev_p4"]
-    _same_losses(got, pp4["megatron_interleaved_p4"])
-    compare_grads(got.grads[0], pp4["megatron_interleaved_p4"].grads[0], exact=True)
-    _same_losses(got, refs["dense8_c8"])
-    compare_grads(got.grads[0], refs["dense8_c8"].grads[0], exact=True, approx={TIED_EMBEDDING})
+    _assert_v_schedule_equals(pp4["dualpipev_p4"], pp4["megatron_interleaved_p4"], refs["dense8_c8"])
 
 
 @megatron_test
 def test_dualpipe_p4_matches_megatron_1f1b(pp4, refs):
-    got = pp4["dualpipe_p4"]
-    _same_losses(got, pp4["megatron_1f1b_p4"])
-    _same_losses(got, refs["dense4_c8"])
-    compare_grads(got.grads[0], pp4["megatron_1f1b_p4"].grads[0], exact=False, rtol=1e-5, atol=1e-7)
+    _assert_dualpipe_matches(pp4["dualpipe_p4"], pp4["megatron_1f1b_p4"], refs["dense4_c8"])
 
 
 @megatron_test
