@@ -27,7 +27,7 @@ def _entry(key: str, side: str = "peer", model: str = COMPUTE) -> Entry:
 # -- entries ------------------------------------------------------------------------------------------------
 def test_every_entry_the_issue_names_is_there() -> None:
     keys = {e.key for e in entries_for(quick=True)}
-    assert {"ours:dualpipe", "ours:dualpipev", "ours:1f1b", "ours:zb1p", "ours:dualpipev@deepspeed",
+    assert {"ours:dualpipe", "ours:dualpipev", "ours:1f1b", "ours:zb1p", "ours:zbv", "ours:dualpipev@deepspeed",
             "ours:dualpipev@megatron", "torch:ScheduleDualPipeV", "torch:Schedule1F1B", "torch:ScheduleZBVZeroBubble",
             "deepspeed:TrainSchedule", "deepspeed:DualPipeVEngine", "megatron:1F1B", "megatron:interleaved",
             "ours:dualpipev+overlap@moe", "torch:ScheduleDualPipeV@moe", "deepspeed:TrainSchedule@moe",

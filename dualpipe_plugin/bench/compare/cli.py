@@ -28,11 +28,11 @@ def run_from_args(args: argparse.Namespace) -> dict:
     """``bench compare``: ``--quick`` (one round, 1 warm-up and 2 measured steps per job, < 5 min),
     ``--steps`` (measured steps per job in full mode, which warms up with 2), ``--ranks``/``--microbatches``,
     ``--emulate`` (per-layer costs); ``--out`` also writes the JSON there."""
-    from dualpipe_plugin.schedules import CostModel, build_schedule
+    from dualpipe_plugin.schedules import SCHEDULES, CostModel
 
     costs = CostModel.parse(args.emulate)
-    for name in ("dualpipe", "dualpipev", "1f1b", "zb1p"):
-        build_schedule(name, args.ranks, args.microbatches)  # bad input fails before spawning
+    for spec in SCHEDULES.values():  # every schedule of ours is compared: bad sizes fail before spawning
+        spec.check(args.ranks, args.microbatches)
     root = _repo_root()
     if args.quick:
         config = CompareConfig(quick=True, rounds=1, steps=2, moe_steps=2, warmup=1, readme=None)

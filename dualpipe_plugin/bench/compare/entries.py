@@ -41,9 +41,11 @@ _M = "dualpipe_plugin.bench.peers_megatron:run_megatron_rank"
 
 def entries_for(quick: bool) -> list[Entry]:
     """Every entry in run order (full mode adds ours dualpipev without overlap on the MoE model)."""
+    from dualpipe_plugin.schedules import schedule_names
+
     ours = [
         Entry(f"ours:{s}", f"ours {s}", "ours", COMPUTE, f"{_W}:run_ours_rank", (("schedule", s),), (s, "split"))
-        for s in ("dualpipe", "dualpipev", "1f1b", "zb1p")
+        for s in schedule_names()
     ]
     ours += [
         Entry("ours:dualpipev@deepspeed", "ours dualpipev via DeepSpeed", "ours", COMPUTE, _D,

@@ -75,7 +75,7 @@ def check_job(args, config: dict, world_size: int) -> tuple[int, int, str]:
     The DualPipe engine checks all of this again at ``deepspeed.initialize``; here it is checked before
     any process starts, with the schedule layer's own messages.
     """
-    from dualpipe_plugin.schedules import ScheduleConfigError, build_schedule, schedule_names
+    from dualpipe_plugin.schedules import ScheduleConfigError, build_schedule, get_schedule, schedule_names
 
     stages = args.pipeline_stages or world_size
     if stages < 1 or world_size % stages:
@@ -101,7 +101,7 @@ def check_job(args, config: dict, world_size: int) -> tuple[int, int, str]:
         except ScheduleConfigError as error:
             raise UsageError(f"pipeline.schedule {schedule!r} cannot run on {stages} pipeline stages with "
                              f"gradient_accumulation_steps={gas} (micro-batches per step): {error}") from None
-    model_stages = 2 * stages if schedule == "dualpipev" else stages
+    model_stages = stages if schedule == "deepspeed" else get_schedule(schedule).num_stages(stages)
     if args.partition_method.startswith("type:") and args.layers < model_stages:
         raise UsageError(f"--layers {args.layers} is fewer than the {model_stages} model stages of {schedule!r} "
                          f"on {stages} ranks; use --layers >= {model_stages}")

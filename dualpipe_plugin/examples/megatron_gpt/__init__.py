@@ -31,5 +31,5 @@ the same tokens. Only the chunks that hold the embedding or the loss read it. Th
 Megatron-LM's: token-weighted mean over the global batch.
 
 Modules: :mod:`.arguments` (the command line and its checks), :mod:`.model` (this rank's wrapped chunks),
-:mod:`.checkpoint` (distributed checkpoints), :mod:`.train` (the loop and ``main``).
+:mod:`dualpipe_plugin.megatron.checkpointing` (distributed checkpoints), :mod:`.train` (the loop and ``main``).
 """

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from dualpipe_plugin.megatron.args import add_pipeline_schedule_args, apply_schedule_args
+from dualpipe_plugin.megatron.registry import MEGATRON
 from dualpipe_plugin.megatron.errors import MegatronScheduleError
 
 __all__ = ["PROG", "build_parser", "parse_args", "validate_args"]
@@ -114,12 +115,12 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
         raise MegatronScheduleError("--layout-independent-init draws whole tensors: use it with TP=1")
     if args.save_interval is not None and args.save is None:
         raise MegatronScheduleError("--save-interval needs --save DIR")
-    if args.pipeline_schedule == "megatron" and args.virtual_pipeline_model_parallel_size is not None and pp == 1:
+    if args.pipeline_schedule == MEGATRON and args.virtual_pipeline_model_parallel_size is not None and pp == 1:
         raise MegatronScheduleError("--virtual-pipeline-model-parallel-size needs --pipeline-model-parallel-size > 1")
-    if args.pipeline_schedule == "megatron" and args.virtual_pipeline_model_parallel_size is not None:
+    if args.pipeline_schedule == MEGATRON and args.virtual_pipeline_model_parallel_size is not None:
         if args.num_layers % (pp * args.virtual_pipeline_model_parallel_size):
             raise MegatronScheduleError("--num-layers must be divisible by pipeline x virtual pipeline size")
-    elif args.pipeline_schedule == "megatron" and args.num_layers % pp:
+    elif args.pipeline_schedule == MEGATRON and args.num_layers % pp:
         raise MegatronScheduleError(f"--num-layers {args.num_layers} is not divisible by {pp} pipeline stages")
     # Unknown schedule, virtual pipeline size with dualpipe(v), layers not divisible into the stages, too
     # few micro-batches: the plugin's own checks. The internal virtual size 2 of dualpipe(v) is not the

@@ -60,12 +60,12 @@ def build_model(args: argparse.Namespace, config) -> list:
 
     from dualpipe_plugin.megatron import build_model_chunks, configure_model_config
 
-    configure_model_config(config, args.pipeline_schedule)
+    configure_model_config(config, args.pipeline_options or args.pipeline_schedule)
     # --layout-independent-init: every chunk is drawn by global names before build_model_chunks makes the
     # copies of a two-chunk placement equal, so all schedules and layouts start from the same model.
     init = init_for_training if args.layout_independent_init else None
     provider = model_provider(reference_model(args), config, init=init)
-    if args.pipeline_schedule == "megatron":  # Megatron's placement, interleaved when asked
+    if args.pipeline_options is None:  # Megatron's placement, interleaved when asked
         chunks = megatron_placement_chunks(provider, args.virtual_pipeline_model_parallel_size)
     else:
         chunks = build_model_chunks(provider, config)

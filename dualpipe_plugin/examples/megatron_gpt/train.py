@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 
 from dualpipe_plugin.examples.megatron_gpt.arguments import PROG, parse_args, validate_args
-from dualpipe_plugin.examples.megatron_gpt.checkpoint import load_checkpoint, save_checkpoint
+from dualpipe_plugin.megatron.checkpointing import load_checkpoint, save_checkpoint
 from dualpipe_plugin.examples.megatron_gpt.model import build_model, model_config, reference_model
 from dualpipe_plugin.megatron.errors import MegatronScheduleError
 from dualpipe_plugin.reference.megatron_gpt import TinyGPT, forward_step, learnable_batch
@@ -55,7 +55,7 @@ def train(args: argparse.Namespace) -> TrainResult:
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=(
-            args.virtual_pipeline_model_parallel_size if args.pipeline_schedule == "megatron" else None
+            args.virtual_pipeline_model_parallel_size if args.pipeline_options is None else None
         ),
         expert_model_parallel_size=args.expert_model_parallel_size,
         create_gloo_process_groups=True,
@@ -74,7 +74,7 @@ def train(args: argparse.Namespace) -> TrainResult:
             ),
             model,
         )
-        start = load_checkpoint(args, model, optimizer) if args.load else 0
+        start = load_checkpoint(model, optimizer, args.load) if args.load else 0
         forward_backward = get_forward_backward_func()  # dispatches on config.pipeline_schedule
         is_last = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
         reporter = is_last and parallel_state.get_data_parallel_rank() == 0 \
@@ -110,9 +110,9 @@ def train(args: argparse.Namespace) -> TrainResult:
                     flush=True,
                 )
             if args.save and args.save_interval and (iteration + 1) % args.save_interval == 0:
-                save_checkpoint(args, model, optimizer, iteration + 1)
+                save_checkpoint(model, optimizer, args.save, iteration + 1)
         if args.save and (not args.save_interval or args.train_iters % args.save_interval):
-            save_checkpoint(args, model, optimizer, args.train_iters)
+            save_checkpoint(model, optimizer, args.save, args.train_iters)
         return result
     finally:
         parallel_state.destroy_model_parallel()
