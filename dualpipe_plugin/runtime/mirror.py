@@ -8,20 +8,30 @@ Parameters are matched by position within the stage, so both ranks must build th
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Collection
+from typing import Callable, Collection, Protocol, Sequence
 
 import torch
 
 from dualpipe_plugin.runtime.errors import PipelineConfigError
-from dualpipe_plugin.runtime.transport import P2P, Channel
+from dualpipe_plugin.runtime.transport import P2P, Channel, Transport
+from dualpipe_plugin.schedules import Placement
 
-if TYPE_CHECKING:
-    from dualpipe_plugin.runtime.executor import PipelineExecutor
-
-__all__ = ["sync_mirrored_grads", "mirrored_params"]
+__all__ = ["MirrorHolder", "sync_mirrored_grads", "mirrored_params"]
 
 
-def mirrored_params(executor: "PipelineExecutor") -> tuple[int, list[torch.nn.Parameter]]:
+class MirrorHolder(Protocol):
+    """What the mirror sync reads of a pipeline rank (the executor is one)."""
+
+    placement: Placement
+    rank: int
+    chunks: Sequence[torch.nn.Module]
+    transport: Transport
+
+    @property
+    def timeout_s(self) -> float: ...
+
+
+def mirrored_params(executor: MirrorHolder) -> tuple[int, list[torch.nn.Parameter]]:
     """The mirror peer of this rank and this rank's parameters in stage order (the peer lists the same)."""
     placement = executor.placement
     rank = executor.rank
@@ -34,7 +44,7 @@ def mirrored_params(executor: "PipelineExecutor") -> tuple[int, list[torch.nn.Pa
 
 
 def sync_mirrored_grads(
-    executor: "PipelineExecutor",
+    executor: MirrorHolder,
     *,
     grad_of: Callable[[torch.nn.Parameter], torch.Tensor] | None = None,
     skip: Collection[int] = (),
