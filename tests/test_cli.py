@@ -7,6 +7,7 @@ traceback.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -87,6 +88,28 @@ def test_visualize_png(capsys, tmp_path) -> None:
     code, out, _ = _run(capsys, "visualize", "dualpipe", "--ranks", "4", "--microbatches", "8", "--out", str(target))
     assert code == 0 and str(target) in out
     assert target.read_bytes()[:8] == PNG_MAGIC
+
+
+@pytest.mark.timeout(300)
+def test_visualize_png_of_a_large_schedule_finishes(tmp_path) -> None:
+    """An artist per op took 146 s here at this size (and over 300 s at P=64, C=512); one collection takes seconds.
+    In a subprocess, so the old behaviour fails cleanly on the subprocess timeout."""
+    from PIL import Image
+
+    target = tmp_path / "large.png"
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-m", "dualpipe_plugin.cli", "visualize", "dualpipev", "-P", "32", "-C", "256",
+         "--cost", "F=1,B=2,W=1,FB=3", "--out", str(target)],
+        capture_output=True, text=True, timeout=120, check=False, env={**os.environ, "PYTHONPATH": str(root)},
+    )
+    assert done.returncode == 0 and str(target) in done.stdout, done.stderr
+    assert target.read_bytes()[:8] == PNG_MAGIC
+    with Image.open(target) as image:
+        image.load()  # decodes the whole file: a truncated PNG raises here
+        assert image.width == 2520 and image.height > 1000
+        colours = {colour for _, colour in image.convert("RGB").getcolors(maxcolors=1 << 22)}
+    assert (0xF6, 0xC6, 0x5B) in colours and (0x55, 0xA6, 0x4E) in colours  # F chunk 0 and W chunk 1 bars drawn
 
 
 def test_visualize_chrome_trace(capsys, tmp_path) -> None:
