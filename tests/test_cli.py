@@ -233,7 +233,7 @@ def no_ranks(monkeypatch):
 _AT_THE_DOOR = [
     (["visualize", "1f1b", "-P", "2", "-C", "2", "--out", "afile/t.png"], "afile is a file, not a folder"),
     (["visualize", "1f1b", "-P", "2", "-C", "2", "--out", "afile/t.json"], "afile is a file, not a folder"),
-    (["visualize", "1f1b", "-P", "2", "-C", "2", "--out", "adir.png"], "adir.png is an existing folder; give a file name"),
+    (["visualize", "1f1b", "-P", "2", "-C", "2", "--out", "adir.png"], "adir.png is an existing folder; give a file"),
     (["visualize", "1f1b", "-P", "2", "-C", "2", "--out", "new.png/"], "names a folder; give a file name"),
     (["visualize", "1f1b", "-P", "2", "-C", "2", "--out", f"{_LONG}.png"], "bytes long, more than the 255"),
     (["visualize", "1f1b", "-P", "2", "-C", "2", "--out", "/proc/t.png"], "cannot be written (No such file"),

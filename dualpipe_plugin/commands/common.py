@@ -6,7 +6,9 @@ import argparse
 import math
 
 from dualpipe_plugin.cli import UsageError
-from dualpipe_plugin.schedules import CostModel, CostModelError, Schedule, SimResult, build_schedule, schedule_names, simulate
+from dualpipe_plugin.schedules import (
+    CostModel, CostModelError, Schedule, SimResult, build_schedule, schedule_names, simulate,
+)
 
 __all__ = [
     "add_schedule_arguments", "schedule_from_args", "add_cost_argument", "costs_from_args", "check_size",

@@ -41,9 +41,10 @@ def _check_components(path: Path, option: str, raw: str) -> None:
     limit = _name_max(ancestor if ancestor.is_dir() else ancestor.parent)
     for part in path.parts:
         if len(os.fsencode(part)) > limit:
+            shown = raw if len(raw) < 60 else raw[:40] + "..."
             raise UsageError(
-                f"{option} {raw if len(raw) < 60 else raw[:40] + '...'}: the name {part[:24]}... is {len(os.fsencode(part))} bytes long, more than "
-                f"the {limit} this filesystem allows; choose a shorter name"
+                f"{option} {shown}: the name {part[:24]}... is {len(os.fsencode(part))} bytes long, more than the "
+                f"{limit} this filesystem allows; choose a shorter name"
             )
     if not ancestor.is_dir():
         raise UsageError(f"{option} {raw}: {ancestor} is a file, not a folder; choose a path inside a folder")
@@ -68,7 +69,9 @@ def check_output_file(raw: str, option: str = "--out", suffixes: tuple[str, ...]
         if not existed:
             path.unlink()
     except OSError as error:
-        raise UsageError(f"{option} {raw} cannot be written ({error.strerror or error}); choose a writable path") from None
+        raise UsageError(
+            f"{option} {raw} cannot be written ({error.strerror or error}); choose a writable path"
+        ) from None
     return path
 
 

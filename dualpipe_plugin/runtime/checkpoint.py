@@ -324,7 +324,8 @@ def _read_meta(path: Path) -> dict:
     expected = _expected_files(meta["stages"], meta["ranks"], meta["optimizer"])
     if set(meta["files"]) != expected:
         missing, unknown = sorted(expected - set(meta["files"])), sorted(set(meta["files"]) - expected)
-        raise _bad_meta(meta_file, f"field 'files' does not list this layout's files (missing {missing}, unknown {unknown})")
+        raise _bad_meta(meta_file, f"field 'files' does not list this layout's files (missing {missing}, "
+                                   f"unknown {unknown})")
     for name, entry in meta["files"].items():
         if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and _SHA256.fullmatch(entry["sha256"])
                 and _is_int(entry.get("bytes"), 0)):

@@ -70,7 +70,9 @@ class Transport(Protocol):
         """Launch ``ops`` together; return one handle per op, in order."""
         ...
 
-    def all_reduce_sum(self, tensor: torch.Tensor, *, what: str = "a collective", timeout_s: float | None = None) -> None:
+    def all_reduce_sum(
+        self, tensor: torch.Tensor, *, what: str = "a collective", timeout_s: float | None = None,
+    ) -> None:
         """In-place sum over the pipeline ranks (the step's loss, checkpoint agreement); ``what`` names it in
         errors; wait at most ``timeout_s`` seconds (None: the process group's own timeout)."""
         ...
@@ -185,7 +187,9 @@ class TorchTransport:
             handles.append(_TorchWork(work, op, self.rank, self.ranks[op.peer]))
         return handles
 
-    def all_reduce_sum(self, tensor: torch.Tensor, *, what: str = "a collective", timeout_s: float | None = None) -> None:
+    def all_reduce_sum(
+        self, tensor: torch.Tensor, *, what: str = "a collective", timeout_s: float | None = None,
+    ) -> None:
         """In-place sum over the pipeline ranks; a dead or missing peer raises instead of hanging."""
         if timeout_s is not None and not timeout_s > 0:
             raise PipelineConfigError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")

@@ -41,7 +41,9 @@ class Loopback:
         pass
 
 
-def _pipeline(case: Case = CASE, rank: int = 0, seed: int = 0, chunks=None) -> tuple[DualPipeline, torch.optim.Optimizer]:
+def _pipeline(
+    case: Case = CASE, rank: int = 0, seed: int = 0, chunks=None,
+) -> tuple[DualPipeline, torch.optim.Optimizer]:
     if chunks is None:
         chunks = stage_modules(build_layers(Case(**{**case.__dict__, "seed": seed})), case.schedule, case.ranks, rank)
     pipe = DualPipeline(chunks, case.schedule, loss_fn=loss_fn, transport=Loopback(rank, case.ranks), overlap=False)
@@ -121,7 +123,8 @@ def test_two_swapped_stage_files_are_refused(saved):
         (lambda meta: {**meta, "format": None}, r"meta\.json: field 'format' is None"),
         (lambda meta: {**meta, "data": "../elsewhere"}, r"meta\.json: field 'data' must be the name of a data-"),
         (lambda meta: {**meta, "files": {}}, r"meta\.json: field 'files' does not list this layout's files"),
-        (lambda meta: {**meta, "files": {k: {"bytes": 1} for k in meta["files"]}}, r"field 'files' entry 'optim_rank_000"),
+        (lambda meta: {**meta, "files": {k: {"bytes": 1} for k in meta["files"]}},
+         r"field 'files' entry 'optim_rank_000"),
     ],
     ids=["list", "no-stages", "no-step", "stages-str", "optimizer-str", "format-null", "data-escapes", "files-empty",
          "files-no-sha"],
@@ -218,7 +221,7 @@ def test_a_part_written_where_rank_0_cannot_see_it_is_not_committed(tmp_path):
     # Rank 0 of a two-rank pipeline alone (its peer's collectives are the identity): rank 1 "wrote" its files on
     # a disk rank 0 does not see, as on nodes without a shared filesystem.
     pipe, optimizer = _pipeline(Case("dualpipev", 2, 4))
-    with pytest.raises(CheckpointError, match=r"cannot see .*manifest_rank_001\.json, which rank 1 wrote: the "
-                                              r"checkpoint directory must be on a filesystem every pipeline rank shares"):
+    shared = r"cannot see .*manifest_rank_001\.json, which rank 1 wrote: the checkpoint directory must be on a filesystem"
+    with pytest.raises(CheckpointError, match=shared):
         save_checkpoint(pipe, tmp_path / "step_1", optimizer=optimizer)
     assert latest_checkpoint(tmp_path) is None
