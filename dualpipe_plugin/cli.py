@@ -49,6 +49,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as error:  # every user-input error of the package is a ValueError subclass
         print(f"dualpipe-plugin {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # a path that passed the checks at the door failed later (disk full, removed)
+        print(f"dualpipe-plugin {args.command}: error: {error}; check the paths given and the free space there",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

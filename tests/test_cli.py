@@ -7,6 +7,7 @@ traceback.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -87,6 +88,28 @@ def test_visualize_png(capsys, tmp_path) -> None:
     code, out, _ = _run(capsys, "visualize", "dualpipe", "--ranks", "4", "--microbatches", "8", "--out", str(target))
     assert code == 0 and str(target) in out
     assert target.read_bytes()[:8] == PNG_MAGIC
+
+
+@pytest.mark.timeout(300)
+def test_visualize_png_of_a_large_schedule_finishes(tmp_path) -> None:
+    """An artist per op took 146 s here at this size (and over 300 s at P=64, C=512); one collection takes seconds.
+    In a subprocess, so the old behaviour fails cleanly on the subprocess timeout."""
+    from PIL import Image
+
+    target = tmp_path / "large.png"
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-m", "dualpipe_plugin.cli", "visualize", "dualpipev", "-P", "32", "-C", "256",
+         "--cost", "F=1,B=2,W=1,FB=3", "--out", str(target)],
+        capture_output=True, text=True, timeout=120, check=False, env={**os.environ, "PYTHONPATH": str(root)},
+    )
+    assert done.returncode == 0 and str(target) in done.stdout, done.stderr
+    assert target.read_bytes()[:8] == PNG_MAGIC
+    with Image.open(target) as image:
+        image.load()  # decodes the whole file: a truncated PNG raises here
+        assert image.width == 2520 and image.height > 1000
+        colours = {colour for _, colour in image.convert("RGB").getcolors(maxcolors=1 << 22)}
+    assert (0xF6, 0xC6, 0x5B) in colours and (0x55, 0xA6, 0x4E) in colours  # F chunk 0 and W chunk 1 bars drawn
 
 
 def test_visualize_chrome_trace(capsys, tmp_path) -> None:
@@ -185,3 +208,67 @@ def test_console_script_usage_error() -> None:
     done = subprocess.run([_script(), "schedule", "dualpipe"], capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert any(line.startswith("dualpipe-plugin schedule: error: ") for line in done.stderr.splitlines())
+
+
+# --- checks at the door: bad paths and numbers cost one error line, before any work ---------------------
+
+_LONG = "a" * 300
+
+
+@pytest.fixture
+def no_ranks(monkeypatch):
+    """Any attempt to start ranks (a benchmark, a training demo) fails the test: the checks come first."""
+    import dualpipe_plugin.bench.step
+    import dualpipe_plugin.demo.engines
+    import dualpipe_plugin.launch
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("ranks were started before the bad input was refused")
+
+    monkeypatch.setattr(dualpipe_plugin.launch, "run_local", refuse)
+    monkeypatch.setattr(dualpipe_plugin.bench.step, "run_local", refuse)
+    monkeypatch.setattr(dualpipe_plugin.demo.engines, "run_engine_demo", refuse)
+
+
+_AT_THE_DOOR = [
+    (["visualize", "1f1b", "-P", "2", "-C", "2", "--out", "afile/t.png"], "afile is a file, not a folder"),
+    (["visualize", "1f1b", "-P", "2", "-C", "2", "--out", "afile/t.json"], "afile is a file, not a folder"),
+    (["visualize", "1f1b", "-P", "2", "-C", "2", "--out", "adir.png"], "adir.png is an existing folder; give a file"),
+    (["visualize", "1f1b", "-P", "2", "-C", "2", "--out", "new.png/"], "names a folder; give a file name"),
+    (["visualize", "1f1b", "-P", "2", "-C", "2", "--out", f"{_LONG}.png"], "bytes long, more than the 255"),
+    (["visualize", "1f1b", "-P", "2", "-C", "2", "--out", "/proc/t.png"], "cannot be written (No such file"),
+    (["visualize", "1f1b", "-P", "2", "-C", "2", "--cost", "F=0,B=0,W=0", "--out", "t.png"], "nothing to draw"),
+    (["demo", "--simulate", "--runs-dir", "afile"], "--runs-dir afile: afile is a file, not a folder"),
+    (["demo", "--simulate", "--runs-dir", _LONG], "bytes long, more than the 255"),
+    (["demo", "--steps", "0"], "--steps must be at least 1, got 0"),
+    (["demo", "--steps", "0", "--engine", "deepspeed"], "--steps must be at least 1, got 0"),
+    (["bench", "--out", "afile/result.json"], "afile is a file, not a folder"),
+    (["bench", "--out", "adir.png"], "is an existing folder"),
+    (["bench", "--emulate", "F=0,B=0,W=0"], "needs F > 0 and B > 0 ms"),
+    (["bench", "--emulate", "F=1e308,B=1,W=1"], "the costs are milliseconds"),
+    (["bench", "--steps", "0"], "--steps must be at least 1, got 0"),
+    (["bench", "--steps", "-3"], "--steps must be at least 1, got -3"),
+    (["bench", "overlap", "--steps", "0"], "--steps must be at least 1"),
+    (["advise", "-P", "0", "-C", "4"], "advise needs at least 1 pipeline rank, got 0"),
+    (["advise", "-P", "4", "-C", "8", "--memory-cap", "nan"], "memory cap must be positive and finite, got nan"),
+    (["advise", "-P", "4", "-C", "8", "--memory-cap", "inf"], "or leave it out for no cap"),
+    (["advise", "-P", "4", "-C", "8", "--cost", "F=1e308,B=1e308,W=1"], "add up to inf"),
+    (["advise", "-P", "4", "-C", "8", "--cost", "F=1e307,B=1e307,W=1"], "overflows to inf; express them in a larger"),
+    (["advise", "-P", "4", "-C", "8", "--cost", "F=0,B=0,W=0"], "nothing to rank; give F and B > 0"),
+    (["simulate", "1f1b", "-P", "4", "-C", "8", "--cost", "F=1e307,B=1e307,W=1"], "overflows to inf"),
+    (["schedule", "1f1b", "-P", "1000", "-C", "1001"], "is more than the 1,000,000 the command line builds"),
+]
+
+
+@pytest.mark.parametrize("argv, fix", _AT_THE_DOOR, ids=lambda v: v if isinstance(v, str) else " ".join(v)[:70])
+def test_bad_paths_and_numbers_are_refused_at_the_door(capsys, tmp_path, monkeypatch, no_ranks, argv, fix) -> None:
+    if argv[-1].startswith("/proc/") and not Path("/proc").is_dir():
+        pytest.skip("needs /proc (a folder nobody can create files in, even root)")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "adir.png").mkdir()
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code, out, err = _run(capsys, *argv)
+    assert code == 2 and out == ""
+    _assert_one_clear_error(err, argv[0], fix)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written, nothing created

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from dualpipe_plugin.commands.common import add_cost_argument, costs_from_args
+from dualpipe_plugin.commands.common import add_cost_argument, check_size, costs_from_args
 from dualpipe_plugin.schedules.advise import advise
 
 
@@ -21,6 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_size(args.ranks, args.microbatches)
     advice = advise(args.ranks, args.microbatches, costs_from_args(args), args.memory_cap)
     if args.json:
         print(json.dumps(advice.to_dict()))

@@ -8,7 +8,9 @@ import argparse
 import time
 from pathlib import Path
 
-from dualpipe_plugin.schedules import CostModel, build_schedule, simulate
+from dualpipe_plugin.commands.common import check_size, check_steps, simulate_finite
+from dualpipe_plugin.commands.paths import make_output_dir
+from dualpipe_plugin.schedules import CostModel, build_schedule
 from dualpipe_plugin.schedules.advise import scale_costs
 from dualpipe_plugin.schedules.render import write_chrome_trace, write_timeline_png
 
@@ -33,7 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _simulated_view(args: argparse.Namespace, out: Path) -> int:
     costs = CostModel.parse(args.cost)
     schedule = build_schedule(args.schedule, args.ranks, args.microbatches)
-    result = simulate(schedule, scale_costs(costs, args.ranks / schedule.placement.num_stages))
+    result = simulate_finite(schedule, scale_costs(costs, args.ranks / schedule.placement.num_stages), drawn=True)
+    make_output_dir(out, "--runs-dir", args.runs_dir)
     title = f"{schedule.name}  P={schedule.num_ranks}  C={schedule.num_microbatches}  ({args.cost})"
     png = write_timeline_png(result.timed_rows(), out / "timeline.png", title)
     trace = write_chrome_trace(result.timed_rows(), out / "trace.json", title)
@@ -49,7 +52,7 @@ def _simulated_view(args: argparse.Namespace, out: Path) -> int:
             print(f"  {name:10s} n/a ({str(error).split(';')[0]})")
             continue
         stages = other_schedule.placement.num_stages
-        other = simulate(other_schedule, scale_costs(costs, args.ranks / stages))
+        other = simulate_finite(other_schedule, scale_costs(costs, args.ranks / stages))
         print(f"  {name:10s} {stages:2d} stages  makespan {other.makespan:7g}  bubble {other.bubble:6g}  "
               f"peak activations {max(other.peak_activations_per_rank)} chunks of 1/{stages} of the model")
     print(f"\nwrote {png} and {trace} (open the trace in chrome://tracing or ui.perfetto.dev)")
@@ -68,6 +71,7 @@ def _training_run(args: argparse.Namespace, out: Path) -> int:
     if config.blocks < schedule.placement.num_stages:
         raise ValueError(f"the demo model has {config.blocks} blocks, fewer than the {schedule.placement.num_stages} "
                          f"stages of {schedule.name} on {config.ranks} ranks; use fewer ranks")
+    make_output_dir(out, "--runs-dir", args.runs_dir)
     print(f"training the reference MoE transformer ({config.blocks} blocks, {config.experts} experts, top-{config.top_k}) "
           f"with {schedule.name} on {config.ranks} pipeline ranks x {config.ep} expert-parallel = {config.world} "
           f"CPU processes, {config.microbatches} micro-batches per step, overlap {'on' if config.overlap else 'off'}")
@@ -87,6 +91,8 @@ def _training_run(args: argparse.Namespace, out: Path) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_steps(args.steps)
+    check_size(args.ranks, args.microbatches)
     out = Path(args.runs_dir) / time.strftime("%Y%m%d-%H%M%S")
     if args.simulate:
         return _simulated_view(args, out)

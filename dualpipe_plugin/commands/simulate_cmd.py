@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from dualpipe_plugin.commands.common import add_cost_argument, add_schedule_arguments, costs_from_args, schedule_from_args
-from dualpipe_plugin.schedules import simulate
+from dualpipe_plugin.commands.common import (
+    add_cost_argument, add_schedule_arguments, costs_from_args, schedule_from_args, simulate_finite,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -17,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     schedule = schedule_from_args(args)
-    result = simulate(schedule, costs_from_args(args))
+    result = simulate_finite(schedule, costs_from_args(args))
     figures = {"schedule": schedule.name, "ranks": schedule.num_ranks, "microbatches": schedule.num_microbatches}
     figures.update(result.to_dict())
     if args.json:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from dualpipe_plugin.commands.common import add_cost_argument, add_schedule_arguments, costs_from_args, schedule_from_args
-from dualpipe_plugin.schedules import simulate
+from dualpipe_plugin.commands.common import (
+    add_cost_argument, add_schedule_arguments, costs_from_args, schedule_from_args, simulate_finite,
+)
+from dualpipe_plugin.commands.paths import check_output_file
 from dualpipe_plugin.schedules.render import write_timeline
 
 
@@ -17,8 +19,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     schedule = schedule_from_args(args)
-    result = simulate(schedule, costs_from_args(args))
+    costs = costs_from_args(args)
+    out = check_output_file(args.out, suffixes=(".png", ".json"))  # before any work
+    result = simulate_finite(schedule, costs, drawn=out.suffix.lower() == ".png")
     title = f"{schedule.name}  P={schedule.num_ranks}  C={schedule.num_microbatches}  bubble={result.bubble:g}"
-    path = write_timeline(result.timed_rows(), args.out, title)
+    path = write_timeline(result.timed_rows(), out, title)
     print(f"wrote {path}")
     return 0

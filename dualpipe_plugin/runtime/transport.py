@@ -1,4 +1,4 @@
-"""The runtime's only door to the network: point-to-point sends/receives and a small all-reduce.
+"""The runtime's only door to the network: point-to-point sends/receives, a small all-reduce, a barrier.
 
 The executor commits the transfers of one op boundary as one batch (``start``), waits on each receive
 just before it is needed, and reaps sends lazily. :class:`TorchTransport` is the default, on
@@ -8,6 +8,12 @@ the wrong receive, even on NCCL where tags are ignored. On NCCL a batch goes out
 ``batch_isend_irecv``, one NCCL group call per channel (like DeepSeek's reference, which batches each op
 boundary's transfers); on gloo each op is issued on its own. The NCCL path is not exercised by CI (no
 multi-GPU machine there); the gloo path is, in every multi-process test.
+
+The collectives (``all_reduce_sum``, ``barrier``) are launched with ``async_op=True`` and waited with the
+caller's timeout, like the point-to-point waits: a peer that never joins raises
+:class:`PipelineTimeoutError` after ``timeout_s`` (gloo honours the wait timeout for collectives: measured
+3.0 s for a 3 s timeout against a stalled rank), a peer that died raises :class:`PipelinePeerError`; both
+name this pipeline rank, the operation and the timeout.
 
 Adapters build a transport from their framework's pipeline group and ranks (DeepSpeed's grid, Megatron's
 parallel_state); nothing here assumes the pipeline is the WORLD group.
@@ -23,7 +29,7 @@ from typing import Protocol, Sequence
 import torch
 import torch.distributed as dist
 
-from dualpipe_plugin.runtime.errors import PipelinePeerError, PipelineTimeoutError
+from dualpipe_plugin.runtime.errors import PipelineConfigError, PipelinePeerError, PipelineTimeoutError
 
 __all__ = ["Channel", "P2P", "Work", "Transport", "TorchTransport", "new_pipeline_groups"]
 
@@ -64,8 +70,15 @@ class Transport(Protocol):
         """Launch ``ops`` together; return one handle per op, in order."""
         ...
 
-    def all_reduce_sum(self, tensor: torch.Tensor, *, what: str = "a collective", timeout_s: float | None = None) -> None:
-        """In-place sum over the pipeline ranks (used for reporting the step's loss)."""
+    def all_reduce_sum(
+        self, tensor: torch.Tensor, *, what: str = "a collective", timeout_s: float | None = None,
+    ) -> None:
+        """In-place sum over the pipeline ranks (the step's loss, checkpoint agreement); ``what`` names it in
+        errors; wait at most ``timeout_s`` seconds (None: the process group's own timeout)."""
+        ...
+
+    def barrier(self, *, what: str = "a barrier", timeout_s: float | None = None) -> None:
+        """Return once every pipeline rank has called it, or raise after ``timeout_s`` seconds."""
         ...
 
 
@@ -174,5 +187,43 @@ class TorchTransport:
             handles.append(_TorchWork(work, op, self.rank, self.ranks[op.peer]))
         return handles
 
-    def all_reduce_sum(self, tensor: torch.Tensor, *, what: str = "a collective", timeout_s: float | None = None) -> None:
-        dist.all_reduce(tensor, group=self.groups[Channel.GRADIENT])
+    def all_reduce_sum(
+        self, tensor: torch.Tensor, *, what: str = "a collective", timeout_s: float | None = None,
+    ) -> None:
+        """In-place sum over the pipeline ranks; a dead or missing peer raises instead of hanging."""
+        if timeout_s is not None and not timeout_s > 0:
+            raise PipelineConfigError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
+        try:
+            work = dist.all_reduce(tensor, group=self.groups[Channel.GRADIENT], async_op=True)
+            if timeout_s is None:
+                completed = work.wait()
+            else:
+                completed = work.wait(timeout=datetime.timedelta(seconds=timeout_s))
+        except RuntimeError as error:
+            named = self._collective_error(what, timeout_s, str(error))
+            if named is None:  # not a failure of a peer (e.g. a tensor the backend refuses): as it came
+                raise
+            raise named from None
+        if completed is False:  # some backends report a timeout by returning False
+            raise self._collective_error(what, timeout_s, "timed out")
+
+    def barrier(self, *, what: str = "a barrier", timeout_s: float | None = None) -> None:
+        """Every pipeline rank reaches this point (an all-reduce of one element, so it runs on any backend)."""
+        self.all_reduce_sum(torch.zeros(1, device=self.device), what=what, timeout_s=timeout_s)
+
+    def _collective_error(self, what: str, timeout_s: float | None, text: str) -> Exception | None:
+        limit = f"{timeout_s:g} s" if timeout_s is not None else "the process group's timeout"
+        lowered = text.lower()
+        if "timeout" in lowered or "timed out" in lowered:
+            return PipelineTimeoutError(
+                f"pipeline rank {self.rank}: timed out after {limit} in {what} (a collective over the {self.size} "
+                f"pipeline ranks, global ranks {self.ranks}); a rank did not join it: it is stuck, dead, or did "
+                f"not make the same call (every pipeline rank must). Raise the timeout only if that rank is "
+                f"legitimately this slow."
+            )
+        if any(word in lowered for word in ("connection", "peer", "broken pipe", "socket")):
+            return PipelinePeerError(
+                f"pipeline rank {self.rank}: lost a pipeline rank (of global ranks {self.ranks}) during {what} "
+                f"(timeout {limit}): {text.splitlines()[0]}; that rank crashed or was killed: its own log has the cause"
+            )
+        return None

@@ -7,10 +7,11 @@ micro-batch's activations of 1/P of the model, so 1F1B peaks at P and DualPipeV 
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 from dualpipe_plugin.schedules.costs import CostModel
-from dualpipe_plugin.schedules.errors import ScheduleConfigError
+from dualpipe_plugin.schedules.errors import CostModelError, ScheduleConfigError
 from dualpipe_plugin.schedules.registry import build_schedule, schedule_names
 from dualpipe_plugin.schedules.simulate import simulate
 
@@ -84,8 +85,17 @@ def scale_costs(costs: CostModel, factor: float) -> CostModel:
 
 def advise(ranks: int, microbatches: int, costs: CostModel, memory_cap: float | None = None) -> Advice:
     """Simulate every registered schedule at (ranks, microbatches) and rank them."""
-    if memory_cap is not None and memory_cap <= 0:
-        raise ScheduleConfigError(f"memory cap must be positive, got {memory_cap}")
+    for what, value in (("pipeline rank", ranks), ("micro-batch", microbatches)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ScheduleConfigError(f"advise needs at least 1 {what}, got {value!r}; give a whole number >= 1")
+    if memory_cap is not None and not (math.isfinite(memory_cap) and memory_cap > 0):
+        raise ScheduleConfigError(
+            f"memory cap must be positive and finite, got {memory_cap}; give it in activation units (1F1B peaks at "
+            f"P = {ranks}), or leave it out for no cap"
+        )
+    if costs.F == 0 and costs.B == 0:
+        raise CostModelError("costs F=0 and B=0 make every schedule take no time, so there is nothing to rank; "
+                             "give F and B > 0")
     candidates = []
     for name in schedule_names():
         try:
@@ -95,6 +105,11 @@ def advise(ranks: int, microbatches: int, costs: CostModel, memory_cap: float | 
             continue
         stages = schedule.placement.num_stages
         result = simulate(schedule, scale_costs(costs, ranks / stages))
+        if not math.isfinite(result.makespan):
+            raise CostModelError(
+                f"the costs are so large that {name}'s simulated step time overflows to {result.makespan}; express "
+                f"them in a larger unit so the numbers are smaller, e.g. ms instead of ns"
+            )
         units = max(result.peak_activations_per_rank) * ranks / stages
         copies = 2 if schedule.placement.mirrored else 1
         if memory_cap is not None and units > memory_cap:

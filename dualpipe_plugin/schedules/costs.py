@@ -51,6 +51,11 @@ class CostModel:
             raise CostModelError(
                 f"cost W={self.W} exceeds B={self.B}: B is the full backward, which includes W; use W <= B"
             )
+        if not math.isfinite(self.pair):
+            raise CostModelError(
+                f"costs F={self.F:g} and B={self.B:g} add up to {self.pair} (an F&B pair costs F + B unless FB is "
+                f"given); express the costs in a larger unit so the numbers are smaller, e.g. ms instead of ns"
+            )
         if self.stage_scale is not None and any(s < 0 for s in self.stage_scale):
             raise CostModelError(f"stage_scale {self.stage_scale} has a negative entry")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -50,7 +51,7 @@ def test_resume_continues_bit_exactly(tmp_path, schedule):
             for name, value in tensors.items():
                 assert torch.equal(value, tail["state"][stage][name]), (stage, name)
     if schedule == "dualpipe":  # two copies of each stage, one file each, both copies restored equal
-        assert sorted(p.name for p in (tmp_path / "step_1").glob("stage_*.pt")) == ["stage_000.pt", "stage_001.pt"]
+        assert sorted(p.name for p in (tmp_path / "step_1").glob("data-*/stage_*.pt")) == ["stage_000.pt", "stage_001.pt"]
         assert torch.equal(resumed[0]["state"]["stage0"]["0.linear.weight"], resumed[1]["state"]["stage0"]["0.linear.weight"])
 
 
@@ -71,18 +72,32 @@ def test_mismatched_layout_and_corrupt_files_are_named(tmp_path):
     run_local(_load_only, 4, ("1f1b", str(ckpt), False))
     with pytest.raises(LocalRunError, match="has 4 pipeline stages .* but this pipeline has 2"):
         run_local(_load_only, 2, ("1f1b", str(ckpt), False))
-    (ckpt / "stage_002.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(LocalRunError, match="stage_002.pt is corrupt or truncated"):
+    (stage_file,) = ckpt.glob("data-*/stage_002.pt")
+    stage_file.write_bytes(b"not a checkpoint")
+    with pytest.raises(LocalRunError, match="stage_002.pt has 16 bytes but meta.json records") as failed:
         run_local(_load_only, 2, ("dualpipev", str(ckpt), False))
+    # stage 2 is rank 1's; rank 0's files are fine, but it loads nothing either
+    assert "pipeline rank(s) [1] found checkpoint" in failed.value.failures[0].error
+    assert "nothing was loaded on any rank" in failed.value.failures[0].error
     (ckpt / "meta.json").unlink()
     assert latest_checkpoint(tmp_path) is None
     with pytest.raises(CheckpointError, match="not a complete checkpoint"):
         load_checkpoint(None, ckpt)  # the directory check comes before anything touches the pipeline
 
 
+def _fake_checkpoint(directory, step: int) -> None:
+    """A one-stage checkpoint whose meta.json records its one file's size and sha256 (the data is opaque)."""
+    payload = f"stage data of step {step}".encode()
+    (directory / "data-0000000000000001").mkdir(parents=True)
+    (directory / "data-0000000000000001" / "stage_000.pt").write_bytes(payload)
+    meta = {"format": 2, "schedule": "1f1b", "ranks": 1, "stages": 1, "step": step, "optimizer": False, "extra": {},
+            "data": "data-0000000000000001",
+            "files": {"stage_000.pt": {"sha256": hashlib.sha256(payload).hexdigest(), "bytes": len(payload)}}}
+    (directory / "meta.json").write_text(json.dumps(meta))
+
+
 def test_latest_checkpoint_picks_the_highest_complete_step(tmp_path):
     for step in (3, 10, 7):
-        (tmp_path / f"step_{step}").mkdir()
-        (tmp_path / f"step_{step}" / "meta.json").write_text(json.dumps({"format": 1, "step": step}))
+        _fake_checkpoint(tmp_path / f"step_{step}", step)
     (tmp_path / "step_12").mkdir()  # incomplete: no meta.json
     assert latest_checkpoint(tmp_path).name == "step_10"

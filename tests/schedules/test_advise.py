@@ -46,6 +46,22 @@ def test_bad_cap():
         advise(4, 8, CostModel(), memory_cap=0)
 
 
+@pytest.mark.parametrize(
+    "ranks, microbatches, cap, costs, match",
+    [
+        (0, 8, None, CostModel(), "advise needs at least 1 pipeline rank, got 0"),
+        (4, -1, None, CostModel(), "advise needs at least 1 micro-batch, got -1"),
+        (4, 8, float("nan"), CostModel(), "memory cap must be positive and finite, got nan"),
+        (4, 8, None, CostModel(F=0, B=0, W=0), "nothing to rank; give F and B > 0"),
+        (4, 8, None, CostModel(F=1e307, B=1e307, W=1), "overflows to inf"),
+    ],
+    ids=["no-ranks", "negative-C", "nan-cap", "zero-costs", "overflow"],
+)
+def test_bad_advise_input_raises_with_the_fix(ranks, microbatches, cap, costs, match):
+    with pytest.raises(ValueError, match=match):
+        advise(ranks, microbatches, costs, cap)
+
+
 def test_cli_json(capsys):
     assert main(["advise", "-P", "4", "-C", "8", "--cost", "F=1,B=2,W=1,FB=2.5", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)

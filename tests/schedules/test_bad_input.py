@@ -96,6 +96,7 @@ def test_the_reference_accepts_what_we_accept() -> None:
         (dict(F="1"), ["cost F='1' is not a finite number"]),
         (dict(B=1, W=2), ["W=2 exceeds B=1", "use W <= B"]),
         (dict(stage_scale=(1.0, -1.0)), ["stage_scale", "negative entry"]),
+        (dict(F=1e308, B=1e308, W=1), ["F=1e+308 and B=1e+308 add up to inf", "express the costs in a larger unit"]),
     ],
 )
 def test_cost_model_errors(kwargs: dict, needles: list[str]) -> None:
