@@ -10,7 +10,7 @@ from pathlib import Path
 
 from dualpipe_plugin.commands.common import check_size, check_steps, simulate_finite
 from dualpipe_plugin.commands.paths import make_output_dir
-from dualpipe_plugin.schedules import CostModel, build_schedule
+from dualpipe_plugin.schedules import CostModel, build_schedule, schedule_names
 from dualpipe_plugin.schedules.advise import scale_costs
 from dualpipe_plugin.schedules.render import write_chrome_trace, write_timeline_png
 
@@ -43,9 +43,9 @@ def _simulated_view(args: argparse.Namespace, out: Path) -> int:
     print(f"{title}\n\n{schedule.to_text()}")
     print(f"\nsimulated makespan {result.makespan:g}, bubble {result.bubble:g}, "
           f"peak activations per rank {list(result.peak_activations_per_rank)}")
-    print(f"\nthe same model on {args.ranks} ranks (--cost is per 1/{args.ranks} of the model; a dualpipev "
+    print(f"\nthe same model on {args.ranks} ranks (--cost is per 1/{args.ranks} of the model; a chunk of a V "
           f"chunk is half that):")
-    for name in ("1f1b", "zb1p", "dualpipe", "dualpipev"):
+    for name in schedule_names():
         try:
             other_schedule = build_schedule(name, args.ranks, args.microbatches)
         except ValueError as error:
