@@ -17,14 +17,15 @@ import argparse
 import json
 from pathlib import Path
 
+from dualpipe_plugin.schedules import SCHEDULES as REGISTERED
 from dualpipe_plugin.schedules import CostModel, build_schedule, simulate
 
 __all__ = ["RANKS", "MULTIPLES", "SCHEDULES", "scale_table", "run_scale"]
 
 RANKS = (2, 4, 8, 16, 32, 64)
 MULTIPLES = (2, 4, 8)
-SCHEDULES = ("1f1b", "zb1p", "dualpipe", "dualpipev")
-PAIRED = ("dualpipe", "dualpipev")
+SCHEDULES = tuple(REGISTERED)
+PAIRED = tuple(name for name, spec in REGISTERED.items() if spec.runs_pairs)
 """Schedules with F&B pairs: also simulated with an overlapped pair."""
 PAIR_RATIOS = (1.0, 0.75)
 
@@ -62,7 +63,8 @@ def _plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"1f1b": "#1b9e77", "zb1p": "#7570b3", "dualpipe": "#e7298a", "dualpipev": "#d95f02"}
+    palette = ("#1b9e77", "#7570b3", "#e7298a", "#d95f02", "#66a61e", "#e6ab02", "#a6761d")
+    colors = {schedule: palette[index % len(palette)] for index, schedule in enumerate(SCHEDULES)}
     fig, axes = plt.subplots(1, len(MULTIPLES) + 1, figsize=(4 * (len(MULTIPLES) + 1), 3.6))
     def lines(ax, keep, x):
         for schedule in SCHEDULES:

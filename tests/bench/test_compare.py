@@ -226,7 +226,8 @@ def test_scale_rows_match_deepseeks_bubble_table() -> None:
     assert by[("zb1p", 1.0)]["makespan"] == 48 + 3
     assert by[("dualpipev", 0.75)]["bubble_fraction"] < by[("dualpipev", 1.0)]["bubble_fraction"]
     assert by[("dualpipev", 1.0)]["peak_activations"] == 4.5  # 2P+1 chunks of 1/(2P): P + 1/2
-    assert {r["schedule"] for r in rows} == {"1f1b", "zb1p", "dualpipe", "dualpipev"}
+    assert {r["schedule"] for r in rows} == {"1f1b", "zb1p", "dualpipe", "dualpipev", "zbv"}
+    assert by[("zbv", 1.0)]["peak_activations"] == 4  # 1F1B's memory: 2P chunks of 1/(2P)
 
 
 # -- one tiny run (spawns processes) ------------------------------------------------------------------------------
