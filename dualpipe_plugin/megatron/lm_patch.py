@@ -111,8 +111,9 @@ def _get_model_hook(original: Callable) -> Callable:
 
 
 def _forward_backward_hook(original: Callable) -> Callable:
-    def get_forward_backward_func(pp_size=None, vp_size=None):
-        return default_registry().get_forward_backward_func(pp_size, vp_size)
+    def get_forward_backward_func(pp_size=None, vp_size=None, schedule_pg_collection=None):
+        # megatron-core >= 0.19's train()/evaluate() pass schedule_pg_collection=.
+        return default_registry().get_forward_backward_func(pp_size, vp_size, schedule_pg_collection)
 
     return get_forward_backward_func
 

@@ -1,6 +1,7 @@
 """The schedule registry Megatron-Core lacks: ``register_schedule(name, fn)`` and ``get_forward_backward_func``.
 
-Megatron-Core 0.16.1's ``get_forward_backward_func(pp_size, vp_size)`` is an if/else over its three
+Megatron-Core's ``get_forward_backward_func(pp_size, vp_size)`` (0.16) /
+``get_forward_backward_func(pp_size, vp_size, schedule_pg_collection)`` (0.19) is an if/else over its
 schedules. Ours answers the same call and adds named schedules::
 
     from dualpipe_plugin.megatron import get_forward_backward_func
@@ -54,9 +55,11 @@ def _builtin_factory(name: str) -> Callable[[], ForwardBackwardFunc]:
     return build
 
 
-def _megatron_choice(pp_size: int | None, vp_size: int | None) -> ForwardBackwardFunc:
+def _megatron_choice(pp_size: int | None, vp_size: int | None, schedule_pg_collection: Any) -> ForwardBackwardFunc:
     from megatron.core.pipeline_parallel import schedules
 
+    if schedule_pg_collection is not None:  # megatron-core >= 0.19 (its train() passes it)
+        return schedules.get_forward_backward_func(pp_size, vp_size, schedule_pg_collection=schedule_pg_collection)
     return schedules.get_forward_backward_func(pp_size, vp_size)
 
 
@@ -64,8 +67,10 @@ class _ConfigDispatch:
     """What ``get_forward_backward_func()`` returns without a name: picks the schedule on every call from
     ``config.pipeline_schedule`` of the first model chunk (unset or ``"megatron"``: Megatron's own)."""
 
-    def __init__(self, registry: "ScheduleRegistry", pp_size: int | None, vp_size: int | None):
+    def __init__(self, registry: "ScheduleRegistry", pp_size: int | None, vp_size: int | None,
+                 schedule_pg_collection: Any):
         self._registry, self._pp_size, self._vp_size = registry, pp_size, vp_size
+        self._schedule_pg_collection = schedule_pg_collection
 
     def __call__(self, **kwargs: Any) -> list:
         from megatron.core.utils import get_model_config
@@ -73,9 +78,10 @@ class _ConfigDispatch:
         model = kwargs.get("model")
         first = model[0] if isinstance(model, (list, tuple)) else model
         name = getattr(get_model_config(first), "pipeline_schedule", None)
-        return self._registry.get_forward_backward_func(self._pp_size, self._vp_size, schedule=name or MEGATRON)(
-            **kwargs
+        function = self._registry.get_forward_backward_func(
+            self._pp_size, self._vp_size, schedule=name or MEGATRON, schedule_pg_collection=self._schedule_pg_collection
         )
+        return function(**kwargs)
 
 
 class ScheduleRegistry:
@@ -127,17 +133,20 @@ class ScheduleRegistry:
         return fn
 
     def get_forward_backward_func(
-        self, pp_size: int | None = None, vp_size: int | None = None, *, schedule: str | None = None
+        self, pp_size: int | None = None, vp_size: int | None = None, schedule_pg_collection: Any = None, *,
+        schedule: str | None = None,
     ) -> ForwardBackwardFunc:
-        """Megatron's ``get_forward_backward_func(pp_size, vp_size)`` plus ``schedule``.
+        """Megatron's ``get_forward_backward_func(pp_size, vp_size, schedule_pg_collection)`` plus ``schedule``.
 
         ``schedule=None``: a function that reads ``config.pipeline_schedule`` on each call;
         ``"megatron"``: Megatron-Core's own choice for (pp_size, vp_size); any other name: that entry.
+        ``schedule_pg_collection`` (megatron-core >= 0.19) is handed to Megatron's own choice; this package's
+        schedules take their groups from the ``pg_collection`` of each call.
         """
         if schedule is None:
-            return _ConfigDispatch(self, pp_size, vp_size)
+            return _ConfigDispatch(self, pp_size, vp_size, schedule_pg_collection)
         if self._key(schedule) == MEGATRON:
-            return _megatron_choice(pp_size, vp_size)
+            return _megatron_choice(pp_size, vp_size, schedule_pg_collection)
         return self.lookup(schedule)
 
     @staticmethod
@@ -166,10 +175,11 @@ def register_schedule(name: str, fn: ForwardBackwardFunc, *, replace: bool = Fal
 
 
 def get_forward_backward_func(
-    pp_size: int | None = None, vp_size: int | None = None, *, schedule: str | None = None
+    pp_size: int | None = None, vp_size: int | None = None, schedule_pg_collection: Any = None, *,
+    schedule: str | None = None,
 ) -> ForwardBackwardFunc:
     """Drop-in for ``megatron.core.pipeline_parallel.get_forward_backward_func`` (see the module docstring)."""
-    return default_registry().get_forward_backward_func(pp_size, vp_size, schedule=schedule)
+    return default_registry().get_forward_backward_func(pp_size, vp_size, schedule_pg_collection, schedule=schedule)
 
 
 def schedule_names() -> tuple[str, ...]:

@@ -27,7 +27,6 @@ Two launches (spawning costs seconds per process here), each running several che
 
 from __future__ import annotations
 
-import contextlib
 from functools import partial
 
 import pytest
@@ -42,33 +41,15 @@ NUM_MICROBATCHES = 4
 # ------------------------------------------------------------------------------------ worker helpers
 
 
-@contextlib.contextmanager
-def _rope_on_cpu():
-    """RoPE's ``get_emb`` moves ``inv_freq`` to ``torch.cuda.current_device()``: not among CPU mode's
-    patches yet, so the RoPE case proxies that module's torch the way CPU mode proxies others."""
-    import torch
-    import megatron.core.models.common.embeddings.rotary_pos_embedding as rope
-
-    from dualpipe_plugin.megatron.cpu_mode import _TorchOnCpu
-
-    saved = rope.torch
-    rope.torch = _TorchOnCpu(torch)
-    try:
-        yield
-    finally:
-        rope.torch = saved
-
-
 def _gpt(tiny, config, *, pre=True, post=True, rope=False):
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
-
+    from dualpipe_plugin.megatron.compat import reset_moe_metrics
     from dualpipe_plugin.reference.megatron_names import init_for_comparison
 
     # Megatron's aux-loss log is a process-global sized by the first model's layer count.
-    get_moe_layer_wise_logging_tracker().clear()
+    reset_moe_metrics()
     gpt = GPTModel(
         config=config,
         transformer_layer_spec=get_gpt_layer_local_spec(num_experts=tiny.num_moe_experts, moe_grouped_gemm=False),
@@ -188,30 +169,29 @@ def _check_chunks(rank, tiny, par) -> list[dict]:
     for rope, tied, bf16 in cases:
         t = replace(tiny, share_embeddings=tied)
         overrides = dict(bf16=True, params_dtype=torch.bfloat16, pipeline_dtype=torch.bfloat16) if bf16 else {}
-        with _rope_on_cpu() if rope else contextlib.nullcontext():
-            config = transformer_config(t, par, **overrides)
-            gpt = _gpt(t, config, rope=rope)
-            model = Float16Module(config, gpt) if bf16 else gpt
-            chunk = megatron_staged_chunk(model)
-            for labels in (None, batch["labels"]):
-                def run(fn):
-                    gpt.zero_grad(set_to_none=True)
-                    y = fn()
-                    (y.float().square().sum() if labels is None else y.sum()).backward()
-                    return y.detach(), _grads(gpt)
+        config = transformer_config(t, par, **overrides)
+        gpt = _gpt(t, config, rope=rope)
+        model = Float16Module(config, gpt) if bf16 else gpt
+        chunk = megatron_staged_chunk(model)
+        for labels in (None, batch["labels"]):
+            def run(fn):
+                gpt.zero_grad(set_to_none=True)
+                y = fn()
+                (y.float().square().sum() if labels is None else y.sum()).backward()
+                return y.detach(), _grads(gpt)
 
-                ref = run(lambda: model(batch["tokens"], batch["position_ids"], None, labels=labels))
-                got = run(lambda: chunk(batch["tokens"], batch["position_ids"], None, labels))
-                with torch.no_grad():
-                    ref_eval = model(batch["tokens"], batch["position_ids"], None, labels=labels)
-                    got_eval = chunk(batch["tokens"], batch["position_ids"], None, labels)
-                results.append({
-                    "case": f"rope={rope} tied={tied} bf16={bf16} labels={labels is not None}",
-                    "output": torch.equal(ref[0], got[0]) and ref[0].dtype == got[0].dtype,
-                    "no_grad": torch.equal(ref_eval, got_eval),
-                    "grads": len(ref[1]), "differing": _diff(ref[1], got[1]),
-                    "same_params": {id(p) for p in chunk.parameters()} == {id(p) for p in gpt.parameters()},
-                })
+            ref = run(lambda: model(batch["tokens"], batch["position_ids"], None, labels=labels))
+            got = run(lambda: chunk(batch["tokens"], batch["position_ids"], None, labels))
+            with torch.no_grad():
+                ref_eval = model(batch["tokens"], batch["position_ids"], None, labels=labels)
+                got_eval = chunk(batch["tokens"], batch["position_ids"], None, labels)
+            results.append({
+                "case": f"rope={rope} tied={tied} bf16={bf16} labels={labels is not None}",
+                "output": torch.equal(ref[0], got[0]) and ref[0].dtype == got[0].dtype,
+                "no_grad": torch.equal(ref_eval, got_eval),
+                "grads": len(ref[1]), "differing": _diff(ref[1], got[1]),
+                "same_params": {id(p) for p in chunk.parameters()} == {id(p) for p in gpt.parameters()},
+            })
     return results
 
 
