@@ -26,7 +26,14 @@ from dualpipe_plugin.megatron.registry import MEGATRON, default_registry
 from dualpipe_plugin.runtime.options import DEFAULT_TIMEOUT_S
 from dualpipe_plugin.schedules import SCHEDULES, ScheduleConfigError, schedule_names
 
-__all__ = ["add_pipeline_schedule_args", "apply_schedule_args"]
+__all__ = ["add_pipeline_schedule_args", "apply_schedule_args", "request_virtual_stages"]
+
+_USER_VIRTUAL_FLAGS = (
+    ("virtual_pipeline_model_parallel_size", "--virtual-pipeline-model-parallel-size"),
+    ("num_layers_per_virtual_pipeline_stage", "--num-layers-per-virtual-pipeline-stage"),
+    ("num_virtual_stages_per_pipeline_rank", "--num-virtual-stages-per-pipeline-rank"),
+    ("pipeline_model_parallel_layout", "--pipeline-model-parallel-layout"),
+)
 
 
 def add_pipeline_schedule_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -47,6 +54,40 @@ def add_pipeline_schedule_args(parser: argparse.ArgumentParser) -> argparse.Argu
         help="run every backward whole (no B/W split into input and weight gradients)",
     )
     return parser
+
+
+def _our_two_chunk_spec(args: argparse.Namespace):
+    name = (getattr(args, "pipeline_schedule", MEGATRON) or MEGATRON).lower()
+    if name not in schedule_names():
+        return None
+    spec = SCHEDULES[name]
+    return spec if places_chunks(spec) else None
+
+
+def _refuse_user_virtual_stages(args: argparse.Namespace, name: str) -> None:
+    given = [flag for attr, flag in _USER_VIRTUAL_FLAGS if getattr(args, attr, None) is not None]
+    if given:
+        raise MegatronScheduleError(
+            f"--pipeline-schedule {name} places two chunks per rank itself; remove {' / '.join(given)}"
+        )
+
+
+def request_virtual_stages(args: argparse.Namespace) -> argparse.Namespace:
+    """Megatron-LM's path, between parsing and validation: for a two-chunk schedule ask for two virtual
+    stages per rank through Megatron's own flag (``--num-virtual-stages-per-pipeline-rank 2``), so that its
+    validation derives the virtual pipeline size and keeps the settings that go with it
+    (``overlap_p2p_comm``, ``align_param_gather``, hence ``param_sync_func``). A virtual pipeline flag of
+    the user's is refused. A no-op for other schedules, and where Megatron has no such flag."""
+    spec = _our_two_chunk_spec(args)
+    if spec is None or getattr(args, "_dualpipe_virtual_stages", None) == spec.name:
+        return args
+    _refuse_user_virtual_stages(args, spec.name)
+    if getattr(args, "num_layers", None) is not None:
+        ModelPlacement(spec, args.pipeline_model_parallel_size, args.num_layers)  # before Megatron's own checks
+    if hasattr(args, "num_virtual_stages_per_pipeline_rank"):
+        args.num_virtual_stages_per_pipeline_rank = 2
+        args._dualpipe_virtual_stages = spec.name
+    return args
 
 
 def apply_schedule_args(args: argparse.Namespace) -> argparse.Namespace:
@@ -71,13 +112,8 @@ def apply_schedule_args(args: argparse.Namespace) -> argparse.Namespace:
     spec = options.schedule
     pp = args.pipeline_model_parallel_size
     if places_chunks(spec):
-        vp = getattr(args, "virtual_pipeline_model_parallel_size", None)
-        per_vp = getattr(args, "num_layers_per_virtual_pipeline_stage", None)
-        if vp is not None or per_vp is not None:
-            raise MegatronScheduleError(
-                f"--pipeline-schedule {name} places two chunks per rank itself; remove "
-                f"--virtual-pipeline-model-parallel-size / --num-layers-per-virtual-pipeline-stage"
-            )
+        if getattr(args, "_dualpipe_virtual_stages", None) != name:  # else the 2 virtual stages are ours
+            _refuse_user_virtual_stages(args, name)
         ModelPlacement(spec, pp, args.num_layers)
     elif getattr(args, "virtual_pipeline_model_parallel_size", None) is not None:
         raise MegatronScheduleError(

@@ -18,35 +18,24 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-__all__ = ["load_checkpoint", "mark_mirrored_replicas", "model_sharded_state_dict", "save_checkpoint"]
-
-
-def mark_mirrored_replicas(sharded_state_dict: dict) -> dict:
-    """Mark every tensor of a mirrored copy as a replica, so distributed checkpointing saves each stage once
-    (from the copy that holds it as chunk 0)."""
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from megatron.core.dist_checkpointing.mapping import ShardedBase
-
-    for value in nested_values(sharded_state_dict):
-        if isinstance(value, ShardedBase):
-            replica = value.replica_id if isinstance(value.replica_id, tuple) else (value.replica_id,)
-            value.replica_id = (replica[0] + 1,) + tuple(replica[1:])
-    return sharded_state_dict
+__all__ = ["load_checkpoint", "model_sharded_state_dict", "save_checkpoint"]
 
 
 def model_sharded_state_dict(model: Sequence[Any]) -> dict:
-    """``{"model0": ..., "model1": ...}``: every chunk's sharded state dict, mirrored copies as replicas."""
-    from dualpipe_plugin.megatron.placement import placement_of, unwrap
+    """``{"model0": ..., "model1": ...}``: every chunk's sharded state dict (mirrored copies answer as
+    replicas: :func:`~dualpipe_plugin.megatron.placement.mark_copies_as_replicas`, done when the model is
+    built)."""
+    from dualpipe_plugin.megatron.placement import unwrap
 
-    state = {}
-    for index, chunk in enumerate(model):
-        module = unwrap(chunk)
-        sharded = module.sharded_state_dict()
-        placement = placement_of(module.config)
-        if placement is not None and placement.mirrored and index == 1:
-            sharded = mark_mirrored_replicas(sharded)
-        state[f"model{index}"] = sharded
-    return state
+    return {f"model{index}": unwrap(chunk).sharded_state_dict() for index, chunk in enumerate(model)}
+
+
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+"""What Megatron-LM's checkpointing passes: the distributed optimizer's default sharding
+('fully_sharded_model_space') makes flattened-range tensors that distributed checkpointing refuses
+("ShardedTensor.flattened_range is not supported"); 'dp_reshardable' follows the DDP bucket layout, so a
+distributed-optimizer checkpoint resumes under the layout that wrote it (as Megatron's own). Ignored by
+the other optimizers."""
 
 
 def _checkpoint_dir(root: str | Path, iteration: int) -> Path:
@@ -63,7 +52,7 @@ def save_checkpoint(model: Sequence[Any], optimizer: Any, root: str | Path, iter
         directory.mkdir(parents=True, exist_ok=True)
     dist.barrier()
     state = model_sharded_state_dict(model)
-    state["optimizer"] = optimizer.sharded_state_dict(state)
+    state["optimizer"] = optimizer.sharded_state_dict(state, metadata=OPTIMIZER_METADATA)
     state["iteration"] = iteration
     dist_checkpointing.save(state, str(directory))
     dist.barrier()
@@ -83,7 +72,7 @@ def load_checkpoint(model: Sequence[Any], optimizer: Any, root: str | Path) -> i
         return 0
     iteration = int(marker.read_text().strip())
     state = model_sharded_state_dict(model)
-    state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True)
+    state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True, metadata=OPTIMIZER_METADATA)
     state["iteration"] = 0
     loaded = dist_checkpointing.load(state, str(_checkpoint_dir(root, iteration)))
     for index, chunk in enumerate(model):

@@ -96,7 +96,8 @@ def check_model_config(config: Any, schedule: str | ScheduleSpec) -> None:
         for attr, what, why in _UNSUPPORTED_TWO_CHUNK:
             if _is_set(getattr(config, attr, None)):
                 raise MegatronScheduleError(f"{name} does not support {what} ({attr}): {why}")
-        ModelPlacement(spec, config.pipeline_model_parallel_size, config.num_layers)  # divisibility, P even
+        # divisibility, P even
+        ModelPlacement(spec, config.pipeline_model_parallel_size, getattr(config, "num_layers", None))
     elif config.virtual_pipeline_model_parallel_size is not None:
         raise MegatronScheduleError(
             f"{name} runs one chunk per rank; unset virtual_pipeline_model_parallel_size "

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["MegatronScheduleError", "UnknownScheduleError"]
+__all__ = ["MegatronScheduleError", "MicrobatchCountError", "UnknownScheduleError"]
 
 
 class MegatronScheduleError(ValueError):
@@ -11,3 +11,8 @@ class MegatronScheduleError(ValueError):
 
 class UnknownScheduleError(MegatronScheduleError):
     """``--pipeline-schedule`` / ``config.pipeline_schedule`` names no registered schedule."""
+
+
+class MicrobatchCountError(MegatronScheduleError, RuntimeError):
+    """A step asks for a micro-batch count the schedule cannot run. Also a ``RuntimeError``, which is what
+    Megatron-Core's own schedules raise for the same misuse (code written for them keeps catching it)."""

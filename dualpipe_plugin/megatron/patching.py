@@ -51,17 +51,17 @@ def _own_attribute(owner: Any, attr: str) -> Any:
 
 def everywhere(
     home: types.ModuleType, attr: str, make: Callable[[Any], Any], why: str = "",
-    *, prefixes: tuple[str, ...] = ("megatron.",), extra: Iterable[str] = (),
+    *, prefixes: tuple[str, ...] | None = ("megatron.",),
 ) -> list[Patch]:
-    """Patches replacing ``home.attr`` with ``make(original)`` in ``home`` and in every loaded module whose
-    name starts with one of ``prefixes`` (or is listed in ``extra``, e.g. ``__main__``) and that holds the
-    same object under the same name."""
+    """Patches replacing ``home.attr`` with ``make(original)`` in ``home`` and in every loaded module that
+    holds the same object under the same name (``from home import attr``) and whose name starts with one
+    of ``prefixes`` (``None``: any loaded module, e.g. a training script's ``__main__`` or Megatron-LM's
+    ``gpt_builders``; the identity check keeps it to real by-name imports)."""
     original = getattr(home, attr)
     replacement = make(original)
-    extra = set(extra)
     holders = [home] + [
         module for name, module in list(sys.modules.items())
-        if module is not None and module is not home and (name.startswith(prefixes) or name in extra)
+        if module is not None and module is not home and (prefixes is None or name.startswith(prefixes))
         and getattr(module, attr, None) is original
     ]
     return [Patch(holder, attr, replacement, why) for holder in holders]

@@ -60,6 +60,8 @@ __all__ = [
     "ModelPlacement",
     "build_model_chunks",
     "install_placement_hooks",
+    "mark_copies_as_replicas",
+    "mark_mirrored_replicas",
     "placement_of",
     "places_chunks",
     "remove_placement_hooks",
@@ -81,9 +83,9 @@ class ChunkPlacement:
     chunk: int
     stage: int
     """Which slice of the model (0 = embedding side) this chunk computes."""
-    layer_offset: int
+    layer_offset: int | None
     """Global index of its first transformer layer (0-based; Megatron's ``layer_number`` = offset + 1 + i)."""
-    num_layers: int
+    num_layers: int | None
     pre_process: bool
     """Holds the embedding (first stage of its route)."""
     post_process: bool
@@ -93,7 +95,7 @@ class ChunkPlacement:
 class ModelPlacement:
     """The chunks of every pipeline rank for ``schedule`` on ``pp_size`` ranks and ``num_layers`` layers."""
 
-    def __init__(self, schedule: str | ScheduleSpec, pp_size: int, num_layers: int):
+    def __init__(self, schedule: str | ScheduleSpec, pp_size: int, num_layers: int | None):
         try:
             self.spec = get_schedule(schedule)
             self._placement = self.spec.placement(pp_size)
@@ -104,21 +106,22 @@ class ModelPlacement:
         self.num_layers = num_layers
         self.num_stages = self._placement.num_stages
         self.num_chunks = self._placement.num_chunks
-        if num_layers % self.num_stages:
+        if num_layers is not None and num_layers % self.num_stages:
             raise MegatronScheduleError(
                 f"{self.schedule} cuts the model into {self.num_stages} stages on {pp_size} pipeline ranks, "
                 f"but num_layers={num_layers} is not divisible by {self.num_stages}; use a multiple of "
                 f"{self.num_stages} layers (e.g. {num_layers + (-num_layers) % self.num_stages}) or another "
                 f"pipeline size"
             )
-        self.layers_per_stage = num_layers // self.num_stages
+        # None: a model whose layers this module does not number (a config without num_layers).
+        self.layers_per_stage = None if num_layers is None else num_layers // self.num_stages
 
     def chunk(self, pp_rank: int, chunk: int) -> ChunkPlacement:
         stage = self._placement.stage(pp_rank, chunk)
         return ChunkPlacement(
             chunk=chunk,
             stage=stage,
-            layer_offset=stage * self.layers_per_stage,
+            layer_offset=None if self.layers_per_stage is None else stage * self.layers_per_stage,
             num_layers=self.layers_per_stage,
             pre_process=self._placement.is_first(pp_rank, chunk),
             post_process=self._placement.is_last(pp_rank, chunk),
@@ -139,7 +142,7 @@ class ModelPlacement:
 
 
 @functools.lru_cache(maxsize=64)
-def _cached_placement(spec: ScheduleSpec, pp_size: int, num_layers: int) -> ModelPlacement:
+def _cached_placement(spec: ScheduleSpec, pp_size: int, num_layers: int | None) -> ModelPlacement:
     return ModelPlacement(spec, pp_size, num_layers)
 
 
@@ -149,7 +152,7 @@ def placement_of(config: Any) -> ModelPlacement | None:
     options = getattr(config, "pipeline_options", None)
     if options is None or not places_chunks(options.schedule):
         return None
-    return _cached_placement(options.schedule, config.pipeline_model_parallel_size, config.num_layers)
+    return _cached_placement(options.schedule, config.pipeline_model_parallel_size, getattr(config, "num_layers", None))
 
 
 # ------------------------------------------------------------------------------------------- hooks
@@ -230,10 +233,11 @@ def remove_placement_hooks() -> None:
 
 
 def unwrap(chunk: Any) -> Any:
-    """The innermost module of a (DDP / Float16Module-)wrapped chunk: the one with ``pre_process``."""
-    from megatron.core.utils import get_attr_wrapped_model
-
-    return get_attr_wrapped_model(chunk, "pre_process", return_model_obj=True)
+    """The innermost module of a (DDP / Float16Module-)wrapped chunk: the one with ``pre_process``, or, for
+    a model without it (Megatron's schedules ask only for ``set_input_tensor``), the innermost ``.module``."""
+    while not hasattr(chunk, "pre_process") and hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
 
 
 def build_model_chunks(model_provider: Callable[..., Any], config: Any, *, pp_rank: int | None = None) -> list:
@@ -261,7 +265,41 @@ def build_model_chunks(model_provider: Callable[..., Any], config: Any, *, pp_ra
         for c in placement.chunks(rank)
     ]
     synchronize_initial_copies(chunks, pp_group=parallel_state.get_pipeline_model_parallel_group())
+    mark_copies_as_replicas(chunks)
     return chunks
+
+
+def mark_mirrored_replicas(sharded_state_dict: dict) -> dict:
+    """Mark every tensor of a sharded state dict as a replica (in place; returned)."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedBase
+
+    for value in nested_values(sharded_state_dict):
+        if isinstance(value, ShardedBase):
+            replica = value.replica_id if isinstance(value.replica_id, tuple) else (value.replica_id,)
+            value.replica_id = (replica[0] + 1,) + tuple(replica[1:])
+    return sharded_state_dict
+
+
+def mark_copies_as_replicas(chunks: Sequence[Any]) -> None:
+    """DualPipe: chunk 1 of every rank repeats a stage its mirror rank holds as chunk 0. Its
+    ``sharded_state_dict()`` then answers with every tensor marked as a replica, so distributed
+    checkpointing (ours, and Megatron-LM's own ``save_checkpoint``/``load_checkpoint``) writes each stage
+    once and loads it into both copies. A no-op for other placements; idempotent."""
+    module = unwrap(chunks[0])
+    placement = placement_of(module.config)
+    if placement is None or not placement.mirrored or len(chunks) < 2:
+        return
+    copy = unwrap(chunks[1])
+    if copy.__dict__.get("_dualpipe_replica_copy"):
+        return
+    original = copy.sharded_state_dict
+
+    def sharded_state_dict(*args, **kwargs):
+        return mark_mirrored_replicas(original(*args, **kwargs))
+
+    copy.__dict__["sharded_state_dict"] = sharded_state_dict
+    copy.__dict__["_dualpipe_replica_copy"] = True
 
 
 def tied_embedding_pairs(chunks: Sequence[Any]) -> list[tuple[Any, Any]]:

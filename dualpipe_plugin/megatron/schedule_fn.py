@@ -54,7 +54,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from dualpipe_plugin.megatron.config_checks import check_model_config, options_for
-from dualpipe_plugin.megatron.errors import MegatronScheduleError
+from dualpipe_plugin.megatron.errors import MegatronScheduleError, MicrobatchCountError
 from dualpipe_plugin.megatron.grads import GradSync
 from dualpipe_plugin.megatron.placement import placement_of, places_chunks
 from dualpipe_plugin.megatron.weight_split import bind_megatron_linears
@@ -218,9 +218,9 @@ class _MegatronStageHooks:
         if len(result) == 3:
             loss, num_tokens, report = result
             if not config.calculate_per_token_loss:
-                loss = loss / torch.clamp(num_tokens, min=1)
+                loss = loss / torch.clamp(torch.as_tensor(num_tokens), min=1)
                 loss = loss / options.num_microbatches
-            self.total_num_tokens += num_tokens.to(self.total_num_tokens.device)
+            self.total_num_tokens += torch.as_tensor(num_tokens).to(self.total_num_tokens.device)
         elif len(result) == 2:
             loss, report = result
             loss = loss * options.cp_size
@@ -231,7 +231,14 @@ class _MegatronStageHooks:
                 f"or (loss, report)"
             )
         self.reports[microbatch] = report
-        if config.grad_scale_func is not None and not options.forward_only:
+        if options.forward_only:
+            return None  # the reports are the result; a plain number is a loss Megatron accepts here
+        if not torch.is_tensor(loss):
+            raise MegatronScheduleError(
+                f"loss_func returned a {type(loss).__name__} loss for micro-batch {microbatch}; training needs a "
+                f"scalar tensor to back-propagate (return the loss tensor itself, not .item())"
+            )
+        if config.grad_scale_func is not None:
             loss = config.grad_scale_func(loss)
         return loss
 
@@ -409,17 +416,25 @@ class PipelineScheduleFunction:
         try:
             self.spec.check(pp_size, num_microbatches)
         except ScheduleConfigError as error:
-            raise MegatronScheduleError(
+            raise MicrobatchCountError(
                 f"{error}. With Megatron, micro-batches per step = global_batch_size / (micro_batch_size x "
                 f"data_parallel_size): raise --global-batch-size or lower --micro-batch-size"
             ) from None
 
     def pipeline_for(self, chunks: Sequence[Any], *, pg_collection: Any = None, p2p_communicator: Any = None):
-        """The runtime objects for these chunks (made on first use; collective then)."""
+        """The runtime objects for these chunks on this pipeline group (made on first use, and again when a
+        later call passes another group; collective then)."""
+        import torch.distributed as dist
         from megatron.core import parallel_state
         from megatron.core.utils import get_model_config
 
-        key = tuple(id(c) for c in chunks)
+        if pg_collection is not None:
+            pp_group = pg_collection.pp
+        elif p2p_communicator is not None and getattr(p2p_communicator, "pp_group", None) is not None:
+            pp_group = p2p_communicator.pp_group
+        else:
+            pp_group = parallel_state.get_pipeline_model_parallel_group()
+        key = (tuple(id(c) for c in chunks), tuple(dist.get_process_group_ranks(pp_group)))
         entry = self._pipelines.get(chunks[0])
         if entry is not None and entry[0] == key:
             return entry[1]
@@ -434,12 +449,6 @@ class PipelineScheduleFunction:
                 f"(config, {self.schedule!r}) and build it with build_model_chunks (config.pipeline_schedule="
                 f"{getattr(config, 'pipeline_schedule', None)!r})"
             )
-        if pg_collection is not None:
-            pp_group = pg_collection.pp
-        elif p2p_communicator is not None and getattr(p2p_communicator, "pp_group", None) is not None:
-            pp_group = p2p_communicator.pp_group
-        else:
-            pp_group = parallel_state.get_pipeline_model_parallel_group()
         if entry is not None:
             entry[1].close()
         pipeline = _MegatronPipeline(configured or self.options, list(chunks), config, pp_group)

@@ -59,9 +59,11 @@ def name_seeded_generator(seed: int, name: str):
     return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
 
 
-def init_for_training(chunk, seed: int) -> None:
-    """Weights ~ N(0, 0.02), norm weights 1, biases 0, each drawn by its global name (TP=1): every
-    schedule and parallel layout starts from the same model (``--layout-independent-init``)."""
+def init_for_training(chunk, seed: int, *, shard: int = 0) -> None:
+    """Weights ~ N(0, 0.02), norm weights 1, biases 0, each drawn by its global name: every schedule and
+    pipeline/expert layout starts from the same model (``--layout-independent-init``). ``shard`` is the
+    tensor-parallel rank: with TP > 1 each rank draws its own shard (by name and shard), so layouts with the
+    same TP size start equal."""
     import torch
 
     names = global_param_names(chunk)
@@ -73,7 +75,8 @@ def init_for_training(chunk, seed: int) -> None:
             elif "norm" in name:
                 param.fill_(1.0)
             else:
-                param.copy_(0.02 * torch.randn(param.shape, generator=name_seeded_generator(seed, name)))
+                key = name if shard == 0 else f"{name}@tp{shard}"
+                param.copy_(0.02 * torch.randn(param.shape, generator=name_seeded_generator(seed, key)))
 
 
 def init_for_comparison(chunk, seed: int) -> None:

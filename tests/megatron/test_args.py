@@ -193,8 +193,8 @@ def test_patch_megatron_lm_routes_a_megatron_lm_style_run(standin):
         assert bool((chunks[1].output_layer.weight == 3.0).all()) and chunks[1].output_layer.weight.shared
         # 5: train() asks training.get_forward_backward_func(); the registry picks by config.
         dispatch = standin.training.get_forward_backward_func()
-        assert type(dispatch).__name__ == "_ConfigDispatch"
-        assert type(pipeline_parallel.get_forward_backward_func()).__name__ == "_ConfigDispatch"
+        assert type(dispatch).__name__ == "_CheckedDispatch"
+        assert type(pipeline_parallel.get_forward_backward_func()).__name__ == "_CheckedDispatch"
         assert schedules.get_forward_backward_func is megatron_own  # Megatron's own stays reachable
     finally:
         patch.undo()
@@ -230,7 +230,7 @@ def test_run_megatron_lm_runs_the_script_patched(standin, tmp_path):
     script.write_text(
         "import sys\n"
         "from megatron.training import training\n"
-        "assert type(training.get_forward_backward_func()).__name__ == '_ConfigDispatch'\n"
+        "assert type(training.get_forward_backward_func()).__name__ == '_CheckedDispatch'\n"
         "sys.modules['megatron.training.training'].ran = sys.argv[1:]\n"
     )
     saved_argv = sys.argv
