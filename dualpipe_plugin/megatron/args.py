@@ -13,6 +13,10 @@ Flags (defaults are the runtime's):
   schedule of this package, or a name given to ``register_schedule``;
 * ``--pipeline-timeout-s SECONDS``: how long any pipeline communication may wait;
 * ``--no-pipeline-split-weights``: run every backward whole (no B/W split).
+
+Megatron's ``--overlap-moe-expert-parallel-comm`` keeps its meaning, hiding the expert-parallel all-to-all
+behind compute: with ``dualpipev``/``dualpipe`` the F&B pairs run through the overlap engine
+(``PipelineOptions.overlap``) and Megatron's own combined-1F1B machinery stays off.
 """
 
 from __future__ import annotations
@@ -72,12 +76,30 @@ def _refuse_user_virtual_stages(args: argparse.Namespace, name: str) -> None:
         )
 
 
+def _take_overlap_flag(args: argparse.Namespace, name: str) -> None:
+    """``--overlap-moe-expert-parallel-comm`` means "hide the expert all-to-all behind compute": with this
+    package's schedules the F&B pairs do that (``PipelineOptions.overlap``), so Megatron's own combined-1F1B
+    machinery stays off."""
+    if not getattr(args, "overlap_moe_expert_parallel_comm", False):
+        return
+    if not SCHEDULES[name].runs_pairs:
+        raise MegatronScheduleError(
+            f"--overlap-moe-expert-parallel-comm hides the expert all-to-all inside F&B pairs, which "
+            f"--pipeline-schedule {name} does not run; use dualpipev or dualpipe, or drop the flag"
+        )
+    args.overlap_moe_expert_parallel_comm = False
+    args.pipeline_overlap = True
+
+
 def request_virtual_stages(args: argparse.Namespace) -> argparse.Namespace:
     """Megatron-LM's path, between parsing and validation: for a two-chunk schedule ask for two virtual
     stages per rank through Megatron's own flag (``--num-virtual-stages-per-pipeline-rank 2``), so that its
     validation derives the virtual pipeline size and keeps the settings that go with it
     (``overlap_p2p_comm``, ``align_param_gather``, hence ``param_sync_func``). A virtual pipeline flag of
     the user's is refused. A no-op for other schedules, and where Megatron has no such flag."""
+    name = (getattr(args, "pipeline_schedule", MEGATRON) or MEGATRON).lower()
+    if name in schedule_names():
+        _take_overlap_flag(args, name)
     spec = _our_two_chunk_spec(args)
     if spec is None or getattr(args, "_dualpipe_virtual_stages", None) == spec.name:
         return args
@@ -104,10 +126,12 @@ def apply_schedule_args(args: argparse.Namespace) -> argparse.Namespace:
     if name == MEGATRON or name not in schedule_names():
         args.pipeline_options = None  # Megatron's own, or a registered function that checks its own settings
         return args
+    _take_overlap_flag(args, name)
     options = options_for(
         name,
         timeout_s=getattr(args, "pipeline_timeout_s", DEFAULT_TIMEOUT_S),
         split_weights=getattr(args, "pipeline_split_weights", True),
+        overlap=getattr(args, "pipeline_overlap", None),
     )
     spec = options.schedule
     pp = args.pipeline_model_parallel_size

@@ -30,7 +30,9 @@ _UNSUPPORTED_ANY = (
     ("defer_embedding_wgrad_compute", "defer_embedding_wgrad_compute",
      "the runtime's B/W split already defers weight gradients; turn it off"),
     ("overlap_moe_expert_parallel_comm", "overlap_moe_expert_parallel_comm",
-     "that is Megatron's combined-1F1B overlap for its own schedules; turn it off"),
+     "that is Megatron's combined-1F1B overlap for its own schedules; with this package's schedules ask for "
+     "configure_model_config(config, schedule, overlap=True) (Megatron-LM: --overlap-moe-expert-parallel-comm "
+     "is translated)"),
     ("delay_wgrad_compute", "delay_wgrad_compute",
      "that is Transformer Engine's B/W split for Megatron's schedules; this plugin splits W itself, turn it off"),
     ("num_microbatches_with_partial_activation_checkpoints", "partial activation checkpointing per micro-batch",

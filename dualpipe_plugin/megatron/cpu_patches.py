@@ -23,7 +23,7 @@ from dualpipe_plugin.megatron.cpu_standins import (
     with_cuda_as_identity,
     with_cuda_type_names,
 )
-from dualpipe_plugin.megatron.patching import Patch
+from dualpipe_plugin.megatron.patching import Patch, everywhere
 
 __all__ = ["cpu_mode_patches"]
 
@@ -119,8 +119,12 @@ def _core_patches(torch) -> list[Patch]:
 
 def _training_patches(torch) -> list[Patch]:
     from megatron.training import initialize, training
+    from megatron.training.utils import common_utils
 
     return [
+        *everywhere(common_utils, "get_device_arch_version", lambda original: _no_gpu_arch,
+                    "validate_args asks the GPU architecture (CUDA device properties) when TP or CP > 1; "
+                    "no GPU answers 0, below every architecture, so the pre-Blackwell checks apply"),
         Patch(initialize, "torch", TorchOnCpu(torch, available=True, device_count=1),
               "initialize_megatron asserts CUDA; device_count() gates the model-parallel groups and the RNG "
               "tracker's seeding: the proxy reports one device, set_device is a no-op"),
@@ -132,6 +136,10 @@ def _training_patches(torch) -> list[Patch]:
         Patch(training, "get_model", with_cuda_as_identity(training.get_model),
               "module.cuda(current_device()) even with --use-cpu-initialization"),
     ]
+
+
+def _no_gpu_arch() -> int:
+    return 0
 
 
 def _prebuilt_dependencies() -> None:

@@ -173,27 +173,37 @@ class _MegatronStageHooks:
     def inputs(self, microbatch: int) -> tuple:
         return ()  # a first stage's model reads its data through forward_step_func
 
-    def forward(self, chunk: int, microbatch: int, inputs: tuple) -> Any:
+    def _begin_forward(self, chunk: int, microbatch: int):
+        """What every forward of a chunk starts with, as Megatron's ``forward_step``: the first-micro-batch
+        mark, the current micro-batch; returns the data view for ``forward_step_func``."""
         from megatron.core.pipeline_parallel.schedules import set_current_microbatch
-        from megatron.core.utils import get_attr_wrapped_model
 
-        pipeline, options = self._pipeline, self._options
-        model = pipeline.chunks[chunk]
-        config = pipeline.config
+        options, model = self._options, self._pipeline.chunks[chunk]
         if chunk not in self._first_forward_done:
             self._first_forward_done.add(chunk)
             first = options.first_val_step if (options.forward_only and options.first_val_step is not None) else True
             if first and hasattr(model, "set_is_first_microbatch"):
                 model.set_is_first_microbatch()
         set_current_microbatch(model, microbatch)
-        get_attr_wrapped_model(model, "set_input_tensor")(list(inputs) if inputs else [None])
         view = self._views[chunk]
+        return view.at(microbatch) if view is not None else None
+
+    def forward(self, chunk: int, microbatch: int, inputs: tuple) -> Any:
+        from megatron.core.utils import get_attr_wrapped_model
+
+        pipeline, options = self._pipeline, self._options
+        if pipeline.staged is not None:  # overlap: every forward through the staged chunk
+            return pipeline.staged[chunk](*self.staged_inputs(chunk, microbatch, inputs))
+        model = pipeline.chunks[chunk]
+        config = pipeline.config
+        data = self._begin_forward(chunk, microbatch)
+        get_attr_wrapped_model(model, "set_input_tensor")(list(inputs) if inputs else [None])
         autocast = (
             torch.autocast(pipeline.transport.device.type, dtype=config.autocast_dtype)
             if getattr(config, "enable_autocast", False) else nullcontext()
         )
         with autocast:
-            output, loss_func = options.forward_step_func(view.at(microbatch) if view is not None else None, model)
+            output, loss_func = options.forward_step_func(data, model)
         if pipeline.is_last(chunk):
             self._loss_funcs[microbatch] = loss_func
             self._raw_outputs[microbatch] = output
@@ -204,10 +214,53 @@ class _MegatronStageHooks:
         self._set_aux_loss_scales(output if torch.is_tensor(output) else None)
         return output
 
+    def staged_inputs(self, chunk: int, microbatch: int, inputs: tuple) -> tuple:
+        """The overlap path reads the batch through the user's ``forward_step_func`` with Megatron's
+        schedule-plan convention (what its combined 1F1B does): ``forward_step_func(data, model,
+        return_schedule_plan=True)`` calls ``model.build_schedule_plan(tokens, position_ids, attention_mask,
+        labels=..., ...)``, which here records its arguments; the staged chunk then runs them."""
+        pipeline, options = self._pipeline, self._options
+        model = _schedule_plan_owner(pipeline.chunks[chunk])
+        data = self._begin_forward(chunk, microbatch)
+        captured: dict[str, Any] = {}
+
+        def build_schedule_plan(input_ids=None, position_ids=None, attention_mask=None, decoder_input=None,
+                                labels=None, *args, **kwargs):
+            captured.update(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                            labels=labels)
+            return _CapturedPlan()
+
+        model.__dict__["build_schedule_plan"] = build_schedule_plan
+        try:
+            plan, loss_func = options.forward_step_func(data, model, return_schedule_plan=True)
+        except TypeError as error:
+            if "return_schedule_plan" not in str(error):
+                raise
+            raise MegatronScheduleError(
+                "pipeline overlap (--overlap-moe-expert-parallel-comm / overlap=True) reads each batch through "
+                "Megatron's schedule-plan convention: forward_step_func(data_iterator, model, "
+                "return_schedule_plan=False) must, when asked, return (model.build_schedule_plan(tokens, "
+                "position_ids, attention_mask, labels=labels, loss_mask=loss_mask), loss_func), as Megatron-LM's "
+                "pretrain_gpt.py does for its combined 1F1B"
+            ) from None
+        finally:
+            model.__dict__.pop("build_schedule_plan", None)
+        if not isinstance(plan, _CapturedPlan):
+            raise MegatronScheduleError(
+                "forward_step_func(..., return_schedule_plan=True) must return the model's build_schedule_plan(...) "
+                f"as its first value, got {type(plan).__name__}"
+            )
+        if pipeline.is_last(chunk):
+            self._loss_funcs[microbatch] = loss_func
+        self._set_aux_loss_scales(inputs[0] if inputs and torch.is_tensor(inputs[0]) else None)
+        if pipeline.placement_chunk(chunk).pre_process:
+            return (captured["input_ids"], captured["position_ids"], captured["attention_mask"], captured["labels"])
+        return (inputs[0], captured["attention_mask"], captured["labels"])
+
     def loss(self, microbatch: int, outputs: tuple) -> torch.Tensor | None:
         options, config = self._options, self._pipeline.config
         loss_func = self._loss_funcs.pop(microbatch)
-        output = self._raw_outputs.pop(microbatch)
+        output = self._raw_outputs.pop(microbatch, outputs[0] if len(outputs) == 1 else outputs)
         if loss_func is None:
             self.reports[microbatch] = output
             return None
@@ -267,7 +320,30 @@ class _MegatronStageHooks:
             )
 
 
+class _CapturedPlan:
+    """What ``build_schedule_plan`` returns while the overlap path reads a batch (its arguments are kept)."""
+
+
+def _schedule_plan_owner(model: Any) -> Any:
+    """The module inside DDP / Float16Module wrappers that has ``build_schedule_plan`` (GPTModel)."""
+    while not hasattr(model, "build_schedule_plan") and hasattr(model, "module"):
+        model = model.module
+    return model
+
+
 # ------------------------------------------------------------------------------ one model's pipeline
+
+
+def _staged_chunks(chunks: list) -> list:
+    from dualpipe_plugin.megatron.moe_overlap import megatron_staged_chunk
+
+    try:
+        return [megatron_staged_chunk(chunk) for chunk in chunks]
+    except (TypeError, ValueError) as error:
+        raise MegatronScheduleError(
+            f"pipeline overlap (--overlap-moe-expert-parallel-comm / overlap=True) stages Megatron GPTModel chunks: "
+            f"{error}; turn overlap off for this model"
+        ) from None
 
 
 def _all_pipelines(pp_group: Any) -> tuple[list[list[int]], int]:
@@ -293,13 +369,25 @@ class _MegatronPipeline:
         self.transport = TorchTransport(pipelines[index], groups)
         self.grads = GradSync(chunks, config, self.placement)
         variable = bool(getattr(config, "variable_seq_lengths", False))
+        # With overlap the executor runs the chunks staged (Megatron's own TransformerLayer methods as the
+        # overlap protocol's sub-stages, moe_overlap.py): F&B pairs hide the expert all-to-all.
+        self.staged = _staged_chunks(chunks) if options.overlap else None
         self.executor = PipelineExecutor(
-            chunks, self.transport, options.replace(shapes_per_microbatch=options.shapes_per_microbatch or variable),
+            self.staged or chunks, self.transport,
+            options.replace(shapes_per_microbatch=options.shapes_per_microbatch or variable),
             mirror_sync=self.grads.mirror_sync, weight_splitters=(bind_megatron_linears,),
         )
 
     def is_last(self, chunk: int) -> bool:
         return self.executor.placement.is_last(self.transport.rank, chunk)
+
+    def placement_chunk(self, chunk: int):
+        """This rank's ``chunk`` in the schedule's placement (pre/post-process)."""
+        from types import SimpleNamespace
+
+        placement = self.executor.placement
+        return SimpleNamespace(pre_process=placement.is_first(self.transport.rank, chunk),
+                               post_process=placement.is_last(self.transport.rank, chunk))
 
     def close(self) -> None:
         self.executor.close()

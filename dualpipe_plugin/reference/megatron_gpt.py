@@ -274,14 +274,17 @@ def loss_func(loss_mask, output_tensor):
     return loss, num_tokens, {"lm loss": report}
 
 
-def forward_step(data_iterator, model):
+def forward_step(data_iterator, model, return_schedule_plan: bool = False):
     """Megatron-LM's ``forward_step``: the output and a ``loss_func`` partial. Only chunks that hold the
-    embedding or the loss read a batch; attention_mask=None (the local spec's causal softmax builds it)."""
+    embedding or the loss read a batch; attention_mask=None (the local spec's causal softmax builds it).
+    ``return_schedule_plan``: Megatron's schedule-plan convention (its combined 1F1B, this package's
+    overlap path): the model's ``build_schedule_plan`` of the same inputs instead of the output."""
     from megatron.core.utils import get_attr_wrapped_model
 
     module = get_attr_wrapped_model(model, "pre_process", return_model_obj=True)
+    run = model.build_schedule_plan if return_schedule_plan else model
     if module.pre_process or module.post_process:
         batch = next(data_iterator)
-        output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+        output = run(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
         return output, partial(loss_func, batch["loss_mask"])
-    return model(None, None, None), partial(loss_func, None)
+    return run(None, None, None), partial(loss_func, None)

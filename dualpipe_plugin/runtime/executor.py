@@ -69,6 +69,12 @@ class StageHooks(Protocol):
     # F&B pairs; never in a forward-only step). Adapters whose optimizer keeps its own gradient
     # accumulation use it: DeepSpeed's bf16 optimizer clears the low-precision gradients on entry and
     # folds them into its fp32 copy on exit, and DeepSpeed's engine marks the backward as its own.
+    #
+    #   def staged_inputs(self, chunk: int, microbatch: int, inputs: tuple) -> tuple: ...
+    #
+    # What a StagedChunk takes for a forward whose received (or data) inputs are ``inputs``, when the
+    # overlap engine runs the chunk itself. Default: ``inputs``. Megatron's adapter reads the batch through
+    # the user's forward_step_func there (Megatron's schedule-plan convention).
 
 
 class OverlapEngine(Protocol):
@@ -381,6 +387,14 @@ class PipelineExecutor:
             return tensors
         return tuple(t.requires_grad_() if m.requires_grad else t for t, m in zip(tensors, metas))
 
+    def staged_inputs(self, op: Op, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """The inputs a StagedChunk takes for forward ``op`` (the hooks' optional ``staged_inputs``, see
+        :class:`StageHooks`; by default the received or data inputs themselves)."""
+        make = getattr(self._hooks, "staged_inputs", None)
+        if make is None:
+            return inputs
+        return _as_tuple(make(op.chunk, self._schedule.global_microbatch(op.chunk, op.microbatch), inputs))
+
     def forward_finish(self, op: Op, inputs: tuple[torch.Tensor, ...], outputs: Any) -> None:
         """Send a forward's outputs on (or compute the loss) and stash what its backward needs."""
         io = self._op_io[op]
@@ -434,7 +448,7 @@ class PipelineExecutor:
             grads = tuple(
                 t.grad if t.grad is not None else torch.zeros_like(t)
                 for t in stash.inputs
-                if t.requires_grad
+                if torch.is_tensor(t) and t.requires_grad  # staged inputs may carry None (no mask)
             )
             self._comm.send(io.send, grads)
         if op.kind is OpKind.B or not self.store.has(op.key):

@@ -258,7 +258,7 @@ class PairEngine:
 
         def begin_forward():
             nonlocal f_inputs
-            f_inputs = executor.forward_inputs(f_op)
+            f_inputs = executor.staged_inputs(f_op, executor.forward_inputs(f_op))
             return f_chunk.begin(f_inputs), f_inputs
 
         def finish_forward(run, outputs):

@@ -59,7 +59,7 @@ def clean_env(**extra: str) -> dict[str, str]:
            if not k.startswith(("SLURM_", "SRUN_", "TORCHELASTIC_", "PMI_", "OMPI_"))
            and k not in {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                          "OMP_NUM_THREADS", "DUALPIPE_CPU", "LOG_DIR", "CONFIG", "ARGS_FILE", "SCRIPT",
-                         "TRAIN_ARGS", "SCHEDULE", "DRY_RUN", "GPUS_PER_NODE", "PIPELINE_STAGES"}}
+                         "TRAIN_ARGS", "SCHEDULE", "DRY_RUN", "GPUS_PER_NODE", "PIPELINE_STAGES", "MEGATRON_LM"}}
     env["PYTHON"] = sys.executable
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.update(extra)
@@ -392,6 +392,19 @@ def test_megatron_sbatch_dry_run(tmp_path: Path) -> None:
         assert "--pipeline-model-parallel-size 4" in line and "#" not in line
         assert line.rstrip().endswith("--pipeline-schedule dualpipe --cpu"), line
     assert not (tmp_path / "srun.log").exists()
+
+
+def test_megatron_sbatch_runs_megatron_lms_own_loop_through_the_runner(tmp_path: Path) -> None:
+    """MEGATRON_LM=1: the Megatron-LM training script runs under the plugin's runner (the patch before any
+    Megatron-LM import), with the Megatron-LM argument file, and no preflight of our own script's."""
+    env = slurm_env(tmp_path, nodes=2, gpus=8, DRY_RUN="1", MEGATRON_LM="1")
+    result = run(["bash", "launch/slurm/megatron.sbatch"], env)
+    assert result.returncode == 0, result.stdout
+    nodes = [line for line in result.stdout.splitlines() if line.startswith("node ")]
+    assert len(nodes) == 2, result.stdout
+    for line in nodes:
+        assert "-m dualpipe_plugin.megatron.run_megatron_lm --cpu dualpipe_plugin/examples/megatron_lm_gpt.py " in line
+        assert "--pipeline-schedule dualpipev" in line and "--use-distributed-optimizer" in line and "#" not in line
 
 
 @pytest.mark.slow

@@ -93,6 +93,8 @@ class RunSpec:
     """Pass one data iterator for all chunks of a rank instead of one per chunk."""
     forward_only: bool = False
     """Evaluate (``forward_only=True``): losses only, no gradients."""
+    overlap: bool = False
+    """With a dualpipe_plugin schedule: F&B pairs through the overlap engine (``overlap=True``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +113,9 @@ class RankResult:
     grads: list[dict[str, np.ndarray]]
     """Per iteration, ``{global name: gradient}`` of the parameters this rank holds (after
     ``finalize_model_grads``). Empty with the distributed optimizer (only a shard is reduced)."""
+    hidden_transfers: int = 0
+    """With ``overlap``: expert all-to-alls of one side of an F&B pair during which the other side's
+    compute ran (from the overlap engine's trace)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,12 +123,14 @@ class Merged:
     losses: list[float]
     microbatch_losses: list[list[float]]
     grads: list[dict[str, np.ndarray]]
+    hidden_transfers: int = 0
+    """Summed over ranks: expert all-to-alls hidden behind the other side of an F&B pair."""
 
 
 # --------------------------------------------------------------------------------------------- model
 
 
-def build_model(tiny: TinyGPT, parallel: Parallel, config, schedule: str | None = None) -> list:
+def build_model(tiny: TinyGPT, parallel: Parallel, config, schedule: str | None = None, **options) -> list:
     """This rank's chunks of ``tiny`` (weights :func:`init_for_comparison`), ``pre_process``/``post_process``
     per chunk.
 
@@ -135,7 +142,7 @@ def build_model(tiny: TinyGPT, parallel: Parallel, config, schedule: str | None 
         return megatron_placement_chunks(provider, parallel.vp)
     from dualpipe_plugin.megatron import build_model_chunks, configure_model_config
 
-    configure_model_config(config, schedule)
+    configure_model_config(config, schedule, **options)
     return build_model_chunks(provider, config)
 
 
@@ -182,7 +189,7 @@ def run_megatron(rank: int, world_size: int, spec: RunSpec) -> RankResult:
         init_parallel(par, tiny.seed, gloo_groups=spec.optimizer)
         try:
             config = transformer_config(tiny, par, **dict(spec.config_overrides))
-            chunks = build_model(tiny, par, config, spec.schedule)
+            chunks = build_model(tiny, par, config, spec.schedule, **({"overlap": True} if spec.overlap else {}))
             ddp_config = DistributedDataParallelConfig(
                 grad_reduce_in_fp32=False,
                 overlap_grad_reduce=spec.overlap_grad_reduce,
@@ -224,6 +231,7 @@ def run_megatron(rank: int, world_size: int, spec: RunSpec) -> RankResult:
 
                 forward_backward = plugin_forward_backward()  # dispatches on config.pipeline_schedule
 
+            trace = _trace_pairs(spec, model) if spec.overlap else None
             losses, mb_losses, grads = [], [], []
             for it in range(spec.iterations):
                 for m in model:
@@ -266,9 +274,34 @@ def run_megatron(rank: int, world_size: int, spec: RunSpec) -> RankResult:
                 losses=losses,
                 microbatch_losses=mb_losses,
                 grads=grads,
+                hidden_transfers=_hidden_transfers(trace) if trace is not None else 0,
             )
         finally:
             destroy_parallel()
+
+
+def _trace_pairs(spec: RunSpec, model: list) -> list:
+    """Start tracing the overlap engine of the plugin's pipeline for ``model`` (made now: collective)."""
+    from dualpipe_plugin.megatron.registry import default_registry
+
+    pipeline = default_registry().lookup(spec.schedule).pipeline_for(model)
+    assert pipeline.executor.overlap is not None, "overlap asked for but no overlap engine"
+    pipeline.executor.overlap.trace = []
+    return pipeline.executor.overlap.trace
+
+
+def _hidden_transfers(trace: list) -> int:
+    """Dispatch/combine all-to-alls of one side during which a compute sub-stage of the other side ran."""
+    count = 0
+    for comm in trace:
+        if comm.what != "comm" or not comm.stage.endswith(("dispatch", "combine")):
+            continue
+        count += any(
+            other.what == "compute" and other.side[0] != comm.side[0]
+            and comm.start <= other.start and other.end <= comm.end
+            for other in trace
+        )
+    return count
 
 
 def run_megatron_specs(rank: int, world_size: int, specs: tuple[RunSpec, ...]) -> list[RankResult]:
@@ -322,7 +355,8 @@ def merge_results(results: list[RankResult]) -> Merged:
                 else:
                     merged[name] = g
         grads.append(merged)
-    return Merged(losses=losses, microbatch_losses=microbatch_losses, grads=grads)
+    return Merged(losses=losses, microbatch_losses=microbatch_losses, grads=grads,
+                  hidden_transfers=sum(r.hidden_transfers for r in results))
 
 
 def reference_spec(spec: RunSpec, data_parallel: int = 1) -> RunSpec:

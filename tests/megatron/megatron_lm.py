@@ -3,8 +3,10 @@
 One job = ``torchrun -m dualpipe_plugin.megatron.run_megatron_lm --cpu`` on
 :mod:`dualpipe_plugin.examples.megatron_lm_gpt` (a script shaped like Megatron-LM's ``pretrain_gpt.py``)
 with ordinary Megatron-LM arguments for a tiny GPT, plus the job's own. Every rank that computes a loss
-writes its per-micro-batch losses (exact, ``float.hex``); :func:`run_job` returns them in the order
-Megatron computes them (training micro-batches of every iteration, then evaluation ones).
+writes its per-micro-batch losses (exact, ``float.hex``). Which rank computes which micro-batch depends on
+the schedule (1F1B: the last pipeline rank; a V: rank 0; DualPipe: rank P-1 the first half, rank 0 the
+second), so :func:`run_job` returns them as blocks: the k-th training step (or evaluation) of every rank
+together, as a sorted list.
 """
 
 from __future__ import annotations
@@ -40,12 +42,31 @@ MOE = ("--num-experts 4 --expert-model-parallel-size 2 --moe-router-topk 2 --moe
 @dataclass
 class JobResult:
     returncode: int
-    losses: list[tuple[str, float]] = field(default_factory=list)
-    """(phase, loss) per micro-batch, training and evaluation, in order."""
+    blocks: list[tuple[str, list[float]]] = field(default_factory=list)
+    """(phase, sorted losses) per training step or evaluation, in order."""
     output: str = ""
 
-    def train(self) -> list[float]:
-        return [loss for phase, loss in self.losses if phase == "train"]
+    def train(self) -> list[list[float]]:
+        """The losses of every training step (sorted within a step)."""
+        return [losses for phase, losses in self.blocks if phase == "train"]
+
+
+def _blocks(per_rank: list[list[tuple[str, float]]]) -> list[tuple[str, list[float]]]:
+    """Consecutive same-phase runs of each rank, the k-th run of every rank merged."""
+    runs_per_rank = []
+    for losses in per_rank:
+        runs: list[tuple[str, list[float]]] = []
+        for phase, loss in losses:
+            if not runs or runs[-1][0] != phase:
+                runs.append((phase, []))
+            runs[-1][1].append(loss)
+        runs_per_rank.append(runs)
+    merged: list[tuple[str, list[float]]] = []
+    for index in range(max((len(r) for r in runs_per_rank), default=0)):
+        parts = [runs[index] for runs in runs_per_rank if index < len(runs)]
+        assert len({phase for phase, _ in parts}) == 1, f"ranks disagree on run {index}"
+        merged.append((parts[0][0], sorted(loss for _, values in parts for loss in values)))
+    return merged
 
 
 def script() -> str:
@@ -71,13 +92,13 @@ def run_job(workdir: Path, name: str, nproc: int, args: list[str], *, timeout_s:
     except subprocess.TimeoutExpired as expired:
         output = (expired.stdout or b"").decode(errors="replace") + (expired.stderr or b"").decode(errors="replace")
         return JobResult(-9, [], output)
-    losses: list[tuple[str, float]] = []
-    for path in sorted(glob.glob(f"{dump}.rank*.json")):
-        losses += [(phase, float.fromhex(value)) for phase, value in json.loads(Path(path).read_text())]
-    return JobResult(code, losses, output)
+    per_rank = [[(phase, float.fromhex(value)) for phase, value in json.loads(Path(path).read_text())]
+                for path in sorted(glob.glob(f"{dump}.rank*.json"))]
+    return JobResult(code, _blocks(per_rank), output)
 
 
 def max_relative_difference(a: JobResult, b: JobResult) -> float:
-    assert [phase for phase, _ in a.losses] == [phase for phase, _ in b.losses], "different micro-batch counts"
-    assert a.losses, "no losses recorded"
-    return max(abs(x - y) / abs(y) for (_, x), (_, y) in zip(a.losses, b.losses))
+    assert [(phase, len(v)) for phase, v in a.blocks] == [(phase, len(v)) for phase, v in b.blocks], \
+        "different steps or micro-batch counts"
+    assert a.blocks, "no losses recorded"
+    return max(abs(x - y) / abs(y) for (_, xs), (_, ys) in zip(a.blocks, b.blocks) for x, y in zip(xs, ys))

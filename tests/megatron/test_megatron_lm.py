@@ -40,13 +40,12 @@ def workdir(tmp_path_factory, megatron_training):
 
 def _ok(result: JobResult) -> JobResult:
     assert result.returncode == 0, result.output[-6000:]
-    assert result.losses, result.output[-3000:]
+    assert result.blocks, result.output[-3000:]
     return result
 
 
 def _same_training(ours: JobResult, megatron: JobResult) -> None:
-    per_iteration = 4  # global batch 8 / micro-batch 2
-    assert ours.train()[:per_iteration] == megatron.train()[:per_iteration]  # before any update: bit for bit
+    assert ours.train()[0] == megatron.train()[0]  # the first step, before any update: bit for bit
     assert max_relative_difference(ours, megatron) <= SPREAD
 
 
@@ -77,8 +76,7 @@ def test_pp4_dualpipev(workdir):
     pp = ["--pipeline-model-parallel-size", "4", "--num-layers", "8", "--global-batch-size", "16"]
     megatron = _ok(run_job(workdir, "p4_inter", 4, pp + ["--num-virtual-stages-per-pipeline-rank", "2"]))
     ours = _ok(run_job(workdir, "p4_v", 4, pp + ["--pipeline-schedule", "dualpipev"]))
-    assert ours.train()[:8] == megatron.train()[:8]
-    assert max_relative_difference(ours, megatron) <= SPREAD
+    _same_training(ours, megatron)
 
 
 def test_tensor_parallel_2_x_pipeline_2(workdir):
@@ -108,8 +106,8 @@ def test_distributed_optimizer_save_and_resume_through_megatron_checkpointing(wo
         first = _ok(run_job(workdir, f"first_{schedule}", 2, common + ["--save", ckpt, "--save-interval", "2",
                                                                            "--exit-interval", "2"]))
         second = _ok(run_job(workdir, f"second_{schedule}", 2, common + ["--load", ckpt, "--save", ckpt]))
-        assert first.train() == whole.train()[:8], schedule
-        assert second.train() == whole.train()[8:], schedule
+        assert first.train() == whole.train()[:2], schedule
+        assert second.train() == whole.train()[2:], schedule
 
 
 def test_a_patch_placed_too_late_fails_on_every_rank_naming_the_fix(workdir, tmp_path):

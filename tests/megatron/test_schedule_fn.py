@@ -80,6 +80,7 @@ PP4_SPECS = {  # 4 processes
     "dualpipe_p4": RunSpec(model=DENSE4, parallel=Parallel(pp=4), num_microbatches=8, schedule="dualpipe"),
     "moe_megatron": RunSpec(model=MOE4, parallel=Parallel(pp=2, vp=2, ep=2)),
     "moe_dualpipev": RunSpec(model=MOE4, parallel=Parallel(pp=2, ep=2), schedule="dualpipev"),
+    "moe_dualpipev_overlap": RunSpec(model=MOE4, parallel=Parallel(pp=2, ep=2), schedule="dualpipev", overlap=True),
     "distopt_megatron": RunSpec(model=UNTIED4, parallel=Parallel(pp=2, vp=2), **OPT),
     "distopt_dualpipev": RunSpec(model=UNTIED4, parallel=PP2, schedule="dualpipev", **OPT),
     "distopt_dualpipev_overlap": RunSpec(model=UNTIED4, parallel=PP2, schedule="dualpipev", overlap_grad_reduce=True,
@@ -317,6 +318,17 @@ def test_dualpipe_p4_matches_megatron_1f1b(pp4, refs):
 
 
 @megatron_test
+def test_moe_overlap_from_the_schedule_function_is_bit_exact_and_hides_the_all_to_all(pp4):
+    """overlap=True on the get_forward_backward_func path: the F&B pairs run through the overlap engine on
+    Megatron's own TransformerLayer methods (data read through forward_step_func's schedule-plan convention),
+    with losses and every gradient bit-identical to overlap off, and expert all-to-alls hidden behind the
+    other side's compute."""
+    got, want = pp4["moe_dualpipev_overlap"], pp4["moe_dualpipev"]
+    _same_losses(got, want)
+    compare_grads(got.grads[0], want.grads[0], exact=True)
+    assert got.hidden_transfers > 0 and want.hidden_transfers == 0
+
+
 def test_moe_alltoall_ep2_pp2_dualpipev_equals_megatron_interleaved(pp4, refs):
     got, want = pp4["moe_dualpipev"], pp4["moe_megatron"]
     _same_losses(got, want)
