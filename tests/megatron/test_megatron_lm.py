@@ -88,7 +88,7 @@ def test_tensor_parallel_2_x_pipeline_2(workdir):
 
 
 def test_moe_expert_parallel_2_x_pipeline_2(workdir):
-    pp = ["--pipeline-model-parallel-size", "2"] + MOE
+    pp = ["--pipeline-model-parallel-size", "2", "--global-batch-size", "16"] + MOE  # DP=2: 4 micro-batches each
     megatron = _ok(run_job(workdir, "moe_inter", 4, pp + ["--num-virtual-stages-per-pipeline-rank", "2"]))
     ours = _ok(run_job(workdir, "moe_v", 4, pp + ["--pipeline-schedule", "dualpipev"]))
     _same_training(ours, megatron)

@@ -2,7 +2,7 @@
 
 One 2-process gloo launch runs the script's ``main`` for each schedule in turn (3 iterations, tiny GPT,
 ``--layout-independent-init`` so that all layouts start from the same weights), a bf16 + distributed
-optimizer run, a ``--save`` under dualpipev and a ``--load`` under 1F1B that resumes it. Iteration 1's loss
+optimizer run saved and resumed, a ``--save`` under dualpipev and a ``--load`` under 1F1B that resumes it. Iteration 1's loss
 is bit-identical across schedules (same forward); later iterations agree to rel 1e-5 (the tied
 embedding's gradient is summed in a different order per layout, ~1 ulp, before Adam).
 """
@@ -48,7 +48,9 @@ def _rank(rank: int, world_size: int, runs: tuple[tuple[str, ...], ...]):
 def test_every_schedule_trains_and_checkpoints_move_between_schedules(tmp_path):
     pytest.importorskip("megatron.core")
     ckpt = str(tmp_path / "ckpt")
+    ckpt_bf16 = str(tmp_path / "ckpt_bf16")
     three = ["--train-iters", "3"]
+    bf16_distopt = ["--pipeline-schedule", "dualpipev", "--bf16", "--use-distributed-optimizer"]
     runs = {
         "megatron": [*TINY, *three, "--pipeline-schedule", "megatron"],
         "megatron_interleaved": [*TINY, *three, "--pipeline-schedule", "megatron",
@@ -57,8 +59,9 @@ def test_every_schedule_trains_and_checkpoints_move_between_schedules(tmp_path):
         "zb1p": [*TINY, *three, "--pipeline-schedule", "zb1p"],
         "dualpipev": [*TINY, *three, "--pipeline-schedule", "dualpipev", "--save", ckpt, "--save-interval", "2"],
         "dualpipe": [*TINY, *three, "--pipeline-schedule", "dualpipe"],
-        "dualpipev_bf16_distopt": [*TINY, *three, "--pipeline-schedule", "dualpipev", "--bf16",
-                                   "--use-distributed-optimizer"],
+        "dualpipev_bf16_distopt": [*TINY, *three, *bf16_distopt, "--save", ckpt_bf16, "--save-interval", "3"],
+        "dualpipev_bf16_distopt_5": [*TINY, "--train-iters", "5", *bf16_distopt],
+        "dualpipev_bf16_distopt_resumed": [*TINY, "--train-iters", "5", *bf16_distopt, "--load", ckpt_bf16],
         "1f1b_resumed": [*TINY, "--train-iters", "5", "--pipeline-schedule", "1f1b", "--load", ckpt],
         "megatron_5": [*TINY, "--train-iters", "5", "--pipeline-schedule", "megatron"],
     }
@@ -75,6 +78,11 @@ def test_every_schedule_trains_and_checkpoints_move_between_schedules(tmp_path):
         assert losses == pytest.approx(reference, rel=1e-5), name
     assert last["dualpipev_bf16_distopt"].losses == pytest.approx(reference, rel=1e-2)
     assert (tmp_path / "ckpt" / "iter_0000002").is_dir() and (tmp_path / "ckpt" / "iter_0000003").is_dir()
+
+    # bf16 + the distributed optimizer save and resume (its state sharded dp_reshardable): bit for bit.
+    resumed_bf16 = last["dualpipev_bf16_distopt_resumed"]
+    assert resumed_bf16.first_iteration == 3
+    assert resumed_bf16.losses == last["dualpipev_bf16_distopt_5"].losses[3:]
 
     resumed = last["1f1b_resumed"]
     assert resumed.first_iteration == 3 and len(resumed.losses) == 2
