@@ -17,9 +17,11 @@ and the fusion switches the tests use (``tests/megatron/megatron_lm.py``).
 Two test affordances, both off by default: ``--layout-independent-init`` (every weight drawn from a
 generator seeded by its global name, so Megatron's own layouts and this package's V or mirrored layouts
 start from the same model and their losses can be compared), and ``DUALPIPE_LOSS_DUMP=path``: each rank
-that computes a loss writes its per-micro-batch losses (``float.hex``, exact) to ``path.rank<R>.json``.
+that computes a loss writes its per-micro-batch losses (``[phase, iteration, float.hex]``, exact) to
+``path.rank<R>.json``.
 """
 
+import atexit
 import json
 import os
 from functools import partial
@@ -157,13 +159,15 @@ _LOSSES: list = []
 def _record(loss, num_tokens, model) -> None:
     if os.environ.get("DUALPIPE_LOSS_DUMP"):
         phase = "train" if model is None or get_attr_wrapped_model(model, "training") else "eval"
-        _LOSSES.append((phase, (loss / num_tokens.clamp(min=1)).item().hex()))
+        iteration = getattr(get_args(), "curr_iteration", None)
+        _LOSSES.append((phase, iteration, (loss / num_tokens.clamp(min=1)).item().hex()))
 
 
 def _dump_losses() -> None:
+    """At exit (Megatron-LM's --exit-interval ends the program from inside pretrain())."""
     path = os.environ.get("DUALPIPE_LOSS_DUMP")
     if path and _LOSSES:
-        with open(f"{path}.rank{torch.distributed.get_rank()}.json", "w") as handle:
+        with open(f"{path}.rank{os.environ.get('RANK', '0')}.json", "w") as handle:
             json.dump(_LOSSES, handle)
 
 
@@ -175,10 +179,10 @@ def extra_args(parser):
 
 
 if __name__ == "__main__":
+    atexit.register(_dump_losses)
     train_valid_test_datasets_provider.is_distributed = True
     args = parse_and_validate_args(extra_args_provider=extra_args, args_defaults={"tokenizer_type": "NullTokenizer"})
     pretrain(pretrain_cfg_container_from_args(args, None), train_valid_test_datasets_provider,
              ModelType.encoder_or_decoder, forward_step, model_provider=model_provider)
-    _dump_losses()
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()

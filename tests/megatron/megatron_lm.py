@@ -5,7 +5,7 @@ One job = ``torchrun -m dualpipe_plugin.megatron.run_megatron_lm --cpu`` on
 with ordinary Megatron-LM arguments for a tiny GPT, plus the job's own. Every rank that computes a loss
 writes its per-micro-batch losses (exact, ``float.hex``). Which rank computes which micro-batch depends on
 the schedule (1F1B: the last pipeline rank; a V: rank 0; DualPipe: rank P-1 the first half, rank 0 the
-second), so :func:`run_job` returns them as blocks: the k-th training step (or evaluation) of every rank
+second), so :func:`run_job` returns them as blocks: one per (phase, iteration), every rank's losses of it
 together, as a sorted list.
 """
 
@@ -51,22 +51,13 @@ class JobResult:
         return [losses for phase, losses in self.blocks if phase == "train"]
 
 
-def _blocks(per_rank: list[list[tuple[str, float]]]) -> list[tuple[str, list[float]]]:
-    """Consecutive same-phase runs of each rank, the k-th run of every rank merged."""
-    runs_per_rank = []
+def _blocks(per_rank: list[list[tuple[str, int, float]]]) -> list[tuple[str, list[float]]]:
+    """(phase, iteration) blocks in the order they first appear; within a block, sorted losses."""
+    blocks: dict[tuple[str, int], list[float]] = {}
     for losses in per_rank:
-        runs: list[tuple[str, list[float]]] = []
-        for phase, loss in losses:
-            if not runs or runs[-1][0] != phase:
-                runs.append((phase, []))
-            runs[-1][1].append(loss)
-        runs_per_rank.append(runs)
-    merged: list[tuple[str, list[float]]] = []
-    for index in range(max((len(r) for r in runs_per_rank), default=0)):
-        parts = [runs[index] for runs in runs_per_rank if index < len(runs)]
-        assert len({phase for phase, _ in parts}) == 1, f"ranks disagree on run {index}"
-        merged.append((parts[0][0], sorted(loss for _, values in parts for loss in values)))
-    return merged
+        for phase, iteration, loss in losses:
+            blocks.setdefault((phase, iteration), []).append(loss)
+    return [(phase, sorted(losses)) for (phase, _), losses in blocks.items()]
 
 
 def script() -> str:
@@ -92,7 +83,8 @@ def run_job(workdir: Path, name: str, nproc: int, args: list[str], *, timeout_s:
     except subprocess.TimeoutExpired as expired:
         output = (expired.stdout or b"").decode(errors="replace") + (expired.stderr or b"").decode(errors="replace")
         return JobResult(-9, [], output)
-    per_rank = [[(phase, float.fromhex(value)) for phase, value in json.loads(Path(path).read_text())]
+    per_rank = [[(phase, iteration, float.fromhex(value))
+                 for phase, iteration, value in json.loads(Path(path).read_text())]
                 for path in sorted(glob.glob(f"{dump}.rank*.json"))]
     return JobResult(code, _blocks(per_rank), output)
 
