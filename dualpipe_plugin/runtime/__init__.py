@@ -9,6 +9,7 @@ from importlib import import_module
 
 from dualpipe_plugin.runtime.errors import (
     NonFiniteLossError,
+    PipelineBrokenError,
     PipelineConfigError,
     PipelinePeerError,
     PipelineRuntimeError,
@@ -26,8 +27,8 @@ _LAZY = {
 }
 
 __all__ = sorted([
-    "DEFAULT_TIMEOUT_S", "NonFiniteLossError", "PipelineConfigError", "PipelineOptions", "PipelinePeerError",
-    "PipelineRuntimeError", "PipelineTimeoutError", *_LAZY,
+    "DEFAULT_TIMEOUT_S", "NonFiniteLossError", "PipelineBrokenError", "PipelineConfigError", "PipelineOptions",
+    "PipelinePeerError", "PipelineRuntimeError", "PipelineTimeoutError", *_LAZY,
 ])
 
 

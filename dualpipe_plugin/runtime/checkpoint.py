@@ -76,21 +76,20 @@ def _writes_stage(pipe: "DualPipeline", chunk: int) -> bool:
 
 
 def _failed_ranks(pipe: "DualPipeline", failed: bool, what: str) -> list[int]:
-    """All-reduce one flag per rank under the pipeline's timeout; return the pipeline ranks that set theirs."""
-    transport = pipe.executor.transport
-    flags = torch.zeros(transport.size, dtype=torch.int64, device=transport.device)
-    flags[transport.rank] = int(failed)
-    transport.all_reduce_sum(flags, what=what, timeout_s=pipe.executor.timeout_s)
+    """Sum one flag per rank over the pipeline (under its timeout); return the pipeline ranks that set theirs."""
+    executor = pipe.executor
+    flags = torch.zeros(executor.transport.size, dtype=torch.int64, device=executor.transport.device)
+    flags[executor.rank] = int(failed)
+    executor.all_reduce_sum(flags, what=what)
     return [rank for rank, flag in enumerate(flags.tolist()) if flag]
 
 
 def _agree_on_token(pipe: "DualPipeline", path: Path) -> int:
-    transport = pipe.executor.transport
-    token = torch.zeros(1, dtype=torch.int64, device=transport.device)
-    if transport.rank == 0:
+    executor = pipe.executor
+    token = torch.zeros(1, dtype=torch.int64, device=executor.transport.device)
+    if executor.rank == 0:
         token[0] = secrets.randbits(62)
-    transport.all_reduce_sum(token, what=f"starting checkpoint {path} (every rank calls save_checkpoint)",
-                             timeout_s=pipe.executor.timeout_s)
+    executor.all_reduce_sum(token, what=f"starting checkpoint {path} (every rank calls save_checkpoint)")
     return int(token.item())
 
 

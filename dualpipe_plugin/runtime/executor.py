@@ -11,6 +11,12 @@ At the end of the step it waits for every send, syncs DualPipe's mirrored gradie
 per-micro-batch losses, the peak of live activations (equal to the simulator's figure) and, when asked,
 the measured timeline.
 
+A step that fails (a dead or stuck peer, a user error in a forward) leaves its transfers half done: a
+peer may still send what this rank will never receive, or wait for what it will never send. Those
+messages would be taken for the next step's. So once a step or a collective failed, the executor refuses
+to communicate again (:class:`~dualpipe_plugin.runtime.errors.PipelineBrokenError`, saying to rebuild
+the pipeline); errors raised before anything is sent (bad arguments at the door) leave it usable.
+
 What flows where is fixed by the framework adapters through a :class:`StageHooks` object: how a chunk is
 called, where a first stage's inputs come from and how a last stage turns outputs into a loss. The
 standalone :class:`~dualpipe_plugin.runtime.pipeline.DualPipeline` splits tensors; DeepSpeed and
@@ -21,7 +27,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
@@ -30,7 +36,7 @@ from torch import nn
 from torch.autograd.profiler import record_function
 
 from dualpipe_plugin.runtime.comm import StepComm
-from dualpipe_plugin.runtime.errors import PipelineConfigError
+from dualpipe_plugin.runtime.errors import PipelineBrokenError, PipelineConfigError
 from dualpipe_plugin.runtime.losses import collect_to, total_loss
 from dualpipe_plugin.runtime.meta import TensorMeta
 from dualpipe_plugin.runtime.mirror import sync_mirrored_grads
@@ -165,6 +171,8 @@ class PipelineExecutor:
         )
         self.overlap: OverlapEngine | None = self._overlap_engine(overlap_advice)
         self.mirror_sync = mirror_sync if mirror_sync is not None else sync_mirrored_grads
+        self._failure: str | None = None
+        """What failed on this pipeline, once something did (then it refuses to communicate)."""
         # Per-step state, reset by run().
         self._hooks: StageHooks | None = None
         self._comm: StepComm | None = None
@@ -238,12 +246,48 @@ class PipelineExecutor:
     def collect_to(self, values: Mapping[int, Any], *, to: int, what: str = "the losses of this step"):
         """Per-micro-batch ``values`` of every loss rank, merged on pipeline rank ``to`` (None elsewhere);
         see :func:`dualpipe_plugin.runtime.losses.collect_to`. Every pipeline rank calls it."""
-        return collect_to(self.transport, values, to=to, senders=self.loss_ranks, timeout_s=self.timeout_s,
-                          what=what)
+        with self._communicating(what):
+            return collect_to(self.transport, values, to=to, senders=self.loss_ranks, timeout_s=self.timeout_s,
+                              what=what)
 
     def total_loss(self, losses: Mapping[int, torch.Tensor]) -> tuple[torch.Tensor, int]:
         """(sum of all ranks' micro-batch losses, number of non-finite ones) on every rank."""
-        return total_loss(self.transport, losses, timeout_s=self.timeout_s)
+        with self._communicating("the step's loss total"):
+            return total_loss(self.transport, losses, timeout_s=self.timeout_s)
+
+    def all_reduce_sum(self, tensor: torch.Tensor, *, what: str) -> None:
+        """In-place sum of ``tensor`` over the pipeline ranks under the pipeline's timeout (every pipeline rank
+        calls it; ``what`` names it in errors). For adapters and checkpoints: a failure marks the pipeline
+        failed like a failed step."""
+        with self._communicating(what):
+            self.transport.all_reduce_sum(tensor, what=what, timeout_s=self.timeout_s)
+
+    # -- after a failure ---------------------------------------------------------------------------
+    @property
+    def failure(self) -> str | None:
+        """What failed on this pipeline (None while it is usable); once set, every step and collective is
+        refused with :class:`~dualpipe_plugin.runtime.errors.PipelineBrokenError`."""
+        return self._failure
+
+    def _refuse_if_failed(self, what: str) -> None:
+        if self._failure is not None:
+            raise PipelineBrokenError(
+                f"pipeline rank {self.rank}: refusing {what}: {self._failure} failed earlier on this pipeline, and "
+                f"messages of it may still be in flight on its links, where they would be taken for this one's. "
+                f"Rebuild the pipeline (a new DualPipeline makes new process groups; pass a new transport if you "
+                f"pass your own) and resume from your last checkpoint"
+            )
+
+    @contextmanager
+    def _communicating(self, what: str):
+        """Run ``what`` (which communicates) unless something failed before; remember it if it fails."""
+        self._refuse_if_failed(what)
+        try:
+            yield
+        except BaseException as error:
+            detail = str(error).splitlines()[0] if str(error) else ""
+            self._failure = f"{what} ({type(error).__name__}{': ' + detail[:200] if detail else ''})"
+            raise
 
     def close(self) -> None:
         """Restore the chunks' layers (undo the B/W split bindings)."""
@@ -265,9 +309,17 @@ class PipelineExecutor:
         """Run one step of ``num_microbatches`` micro-batches; gradients accumulate into ``.grad``.
 
         Each micro-batch's loss is back-propagated as ``loss / loss_divisor`` (pass the micro-batch
-        count for the gradient of the mean loss); the reported losses are not divided.
+        count for the gradient of the mean loss); the reported losses are not divided. A step that raises
+        marks the pipeline failed (see the module docstring).
         """
+        self._refuse_if_failed("a step")
         schedule = self.schedule_for(num_microbatches)
+        with self._communicating(f"the step of {schedule.name} P={schedule.num_ranks} C={num_microbatches}"):
+            return self._run(schedule, num_microbatches, hooks, forward_only=forward_only,
+                             return_outputs=return_outputs, record=record, loss_divisor=loss_divisor)
+
+    def _run(self, schedule: Schedule, num_microbatches: int, hooks: StageHooks, *, forward_only: bool,
+             return_outputs: bool, record: bool, loss_divisor: float) -> StepOutcome:
         self._schedule, self._hooks = schedule, hooks
         self._op_io = self._io_tables[num_microbatches]
         self._forward_only, self._return_outputs = forward_only, return_outputs
