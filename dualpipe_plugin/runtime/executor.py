@@ -274,8 +274,8 @@ class PipelineExecutor:
             raise PipelineBrokenError(
                 f"pipeline rank {self.rank}: refusing {what}: {self._failure} failed earlier on this pipeline, and "
                 f"messages of it may still be in flight on its links, where they would be taken for this one's. "
-                f"Rebuild the pipeline (a new DualPipeline makes new process groups; pass a new transport if you "
-                f"pass your own) and resume from your last checkpoint"
+                f"Rebuild it: close() this pipeline, build a new one (a new DualPipeline makes new process "
+                f"groups; pass a new transport if you pass your own) and resume from your last checkpoint"
             )
 
     @contextmanager
