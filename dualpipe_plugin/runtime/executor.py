@@ -37,11 +37,12 @@ from torch.autograd.profiler import record_function
 
 from dualpipe_plugin.runtime.comm import StepComm
 from dualpipe_plugin.runtime.errors import PipelineBrokenError, PipelineConfigError
-from dualpipe_plugin.runtime.losses import collect_to, total_loss
+from dualpipe_plugin.runtime.losses import collect_to, map_tensors, total_loss
 from dualpipe_plugin.runtime.meta import TensorMeta
 from dualpipe_plugin.runtime.mirror import sync_mirrored_grads
 from dualpipe_plugin.runtime.options import PipelineOptions
 from dualpipe_plugin.runtime.overlap import OverlapFallbackWarning, overlap_engine_for
+from dualpipe_plugin.runtime.stage_io import check_loss, check_stage_outputs
 from dualpipe_plugin.runtime.staged import StagedChunk
 from dualpipe_plugin.runtime.transport import Transport
 from dualpipe_plugin.runtime.weight_grad import WeightGradStore, WeightSplitter, bind_weight_split
@@ -100,8 +101,9 @@ class StepOutcome:
 
     losses: dict[int, torch.Tensor] = field(default_factory=dict)
     """Global micro-batch -> detached loss, for the micro-batches whose last stage is on this rank."""
-    outputs: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)
-    """Global micro-batch -> last-stage outputs (only with ``return_outputs``)."""
+    outputs: dict[int, tuple[Any, ...]] = field(default_factory=dict)
+    """Global micro-batch -> last-stage outputs, detached (only with ``return_outputs``): a tuple of tensors,
+    or of whatever the last stage returned (a dict of tensors, say)."""
     peak_activations: int = 0
     timeline: list[tuple[Action, float, float]] = field(default_factory=list)
     """(action, start_ms, end_ms) relative to the step's start (only with ``record``); the time an action
@@ -440,14 +442,16 @@ class PipelineExecutor:
         microbatch = self._schedule.global_microbatch(op.chunk, op.microbatch)
         if io.send is None:
             if self._return_outputs:
-                self._outcome.outputs[microbatch] = tuple(t.detach() for t in outputs)
+                self._outcome.outputs[microbatch] = map_tensors(outputs, torch.Tensor.detach)
             loss = self._hooks.loss(microbatch, outputs)
             if loss is not None:
+                loss = check_loss(loss, rank=self.rank, microbatch=microbatch)
                 self._outcome.losses[microbatch] = loss.detach()
                 if self._loss_divisor != 1.0:
                     loss = loss / self._loss_divisor
             roots = (loss,) if loss is not None and loss.requires_grad else ()
         else:
+            check_stage_outputs(outputs, rank=self.rank, chunk=op.chunk, microbatch=microbatch)
             self._comm.send(io.send, outputs)
             roots = tuple(t for t in outputs if t.requires_grad)
             self._sent_metas[op.key] = tuple(TensorMeta.of(t) for t in roots)

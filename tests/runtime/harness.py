@@ -74,6 +74,17 @@ class Block(nn.Module):
         return self._body(x)
 
 
+class ReturnsDict(nn.Module):
+    """A stage that returns its output as ``{"hidden": output}`` (a mapping, not a tuple)."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *inputs):
+        return {"hidden": self.inner(*inputs)}
+
+
 def build_layers(case: Case) -> list[nn.Module]:
     torch.manual_seed(case.seed)
     count = case.num_stages * case.layers_per_stage
@@ -358,7 +369,11 @@ def run_bad_input(rank: int, world_size: int, scenario: str, timeout_s: float, l
     - ``labels_missing``: 1f1b, the last rank passes no labels;
     - ``indivisible``: 1f1b, the last rank's labels have one row too many for the micro-batch count;
     - ``wrong_chunks``: dualpipev, rank 1 passes one chunk instead of two;
-    - ``shapes``: dualpipev, rank 1 builds its stages with dim 8 while rank 0 sends dim 16.
+    - ``shapes``: dualpipev, rank 1 builds its stages with dim 8 while rank 0 sends dim 16;
+    - ``dict_between_stages``: dualpipev, rank 0's first stage returns ``{"hidden": tensor}``;
+    - ``float_loss`` / ``vector_loss``: dualpipev, the loss function returns ``loss.item()`` / the unreduced
+      squared error (rank 0 holds the last stage);
+    - ``empty_batch``: dualpipev, the batch has 0 rows (rank 0 needs it; rank 1 needs no data and waits).
 
     With ``linger_s`` the failing rank stays alive (connections open) that long before raising, so its
     peers cannot notice a closed connection and must end with their own timeout.
@@ -377,8 +392,14 @@ def _bad_input_step(rank: int, world_size: int, scenario: str, timeout_s: float)
     chunks = stage_modules(build_layers(mine), schedule, world_size, rank)
     if scenario == "wrong_chunks" and rank == 1:
         chunks = chunks[:1]
-    pipe = DualPipeline(chunks, schedule, loss_fn=loss_fn, timeout_s=timeout_s, overlap=False)
+    if scenario == "dict_between_stages" and rank == 0:
+        chunks[0] = ReturnsDict(chunks[0])
+    loss = {"float_loss": lambda out, target: loss_fn(out, target).item(),
+            "vector_loss": lambda out, target: (out - target) ** 2}.get(scenario, loss_fn)
+    pipe = DualPipeline(chunks, schedule, loss_fn=loss, timeout_s=timeout_s, overlap=False)
     x, y = batch(case, 0)
+    if scenario == "empty_batch":
+        x, y = x[:0], y[:0]
     last = rank == world_size - 1
     if scenario == "labels_missing" and last:
         y = None
