@@ -122,8 +122,9 @@ def test_a_rank_killed_in_its_last_backward_is_named_by_the_loss_total():
     failures = {f.rank: f.error for f in caught.value.failures}
     assert failures[0] == "process exited with code -9"
     for rank in (1, 2):
-        assert failures[rank].startswith(f"PipelinePeerError: pipeline rank {rank}: lost pipeline rank 0 "
-                                         f"(global rank 0) while receiving its part in the step's loss total"), failures[rank]
+        assert failures[rank].startswith(
+            f"PipelinePeerError: pipeline rank {rank}: lost pipeline rank 0 (global rank 0) while receiving its part "
+            f"in the step's loss total"), failures[rank]
         assert "that rank crashed or was killed" in failures[rank]
     assert time.monotonic() - started < 60  # named at once, far inside the 60 s pipeline timeout
 

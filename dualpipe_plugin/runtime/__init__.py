@@ -22,6 +22,7 @@ _LAZY = {
     "save_checkpoint": "checkpoint",
     "PipelineExecutor": "executor", "StageHooks": "executor", "StepOutcome": "executor",
     "DualPipeline": "pipeline", "StepResult": "pipeline", "split_stages": "pipeline", "stage_modules": "pipeline",
+    "MicrobatchRNG": "rng", "MirroredGeneratorWarning": "rng", "set_microbatch": "rng",
     "Channel": "transport", "TorchTransport": "transport", "Transport": "transport",
     "new_pipeline_groups": "transport",
 }

@@ -7,9 +7,9 @@ The schedule decides *what* runs *when*; the executor only carries it out. Per a
     run it: F, B, I, W, or an F&B pair     (dispatch table; a pair goes to the overlap engine)
     queue its outputs to the next stage and launch the batch
 
-At the end of the step it waits for every send, syncs DualPipe's mirrored gradients and reports the
-per-micro-batch losses, the peak of live activations (equal to the simulator's figure) and, when asked,
-the measured timeline.
+At the end of the step it waits for every send, syncs DualPipe's mirrored gradients and buffers
+(:mod:`~dualpipe_plugin.runtime.mirror`) and reports the per-micro-batch losses, the peak of live
+activations (equal to the simulator's figure) and, when asked, the measured timeline.
 
 A step that fails (a dead or stuck peer, a user error in a forward) leaves its transfers half done: a
 peer may still send what this rank will never receive, or wait for what it will never send. Those
@@ -39,9 +39,10 @@ from dualpipe_plugin.runtime.comm import StepComm
 from dualpipe_plugin.runtime.errors import PipelineBrokenError, PipelineConfigError
 from dualpipe_plugin.runtime.losses import collect_to, map_tensors, total_loss
 from dualpipe_plugin.runtime.meta import TensorMeta
-from dualpipe_plugin.runtime.mirror import sync_mirrored_grads
+from dualpipe_plugin.runtime.mirror import MirroredBuffers, sync_mirrored_grads
 from dualpipe_plugin.runtime.options import PipelineOptions
 from dualpipe_plugin.runtime.overlap import OverlapFallbackWarning, overlap_engine_for
+from dualpipe_plugin.runtime.rng import MirroredGeneratorWarning, microbatch_rngs, private_generators
 from dualpipe_plugin.runtime.stage_io import check_loss, check_stage_outputs
 from dualpipe_plugin.runtime.staged import StagedChunk
 from dualpipe_plugin.runtime.transport import Transport
@@ -173,6 +174,11 @@ class PipelineExecutor:
         )
         self.overlap: OverlapEngine | None = self._overlap_engine(overlap_advice)
         self.mirror_sync = mirror_sync if mirror_sync is not None else sync_mirrored_grads
+        self._buffers = MirroredBuffers(self) if placement.mirrored else None
+        self._rngs = [microbatch_rngs(chunk) for chunk in self.chunks]
+        self._seeded = any(self._rngs)  # False: no per-action work for seeded randomness
+        if placement.mirrored and self.rank == 0:
+            self._warn_private_generators()
         self._failure: str | None = None
         """What failed on this pipeline, once something did (then it refuses to communicate)."""
         # Per-step state, reset by run().
@@ -227,6 +233,20 @@ class PipelineExecutor:
                 stacklevel=4,
             )
         return engine
+
+    def _warn_private_generators(self) -> None:
+        for index, chunk in enumerate(self.chunks):
+            names = private_generators(chunk)
+            if names:
+                warnings.warn(
+                    f"chunk {index} module(s) {', '.join(names)} keep their own torch.Generator: {self.spec.name} runs "
+                    f"each stage as two copies, one per direction, so such a generator hands micro-batch C/2+m the "
+                    f"draws of micro-batch m; draw from dualpipe_plugin.runtime.MicrobatchRNG(seed) instead (its "
+                    f"draws follow the global micro-batch)",
+                    MirroredGeneratorWarning,
+                    stacklevel=4,
+                )
+                return
 
     def schedule_for(self, num_microbatches: int) -> Schedule:
         """The schedule of a step with ``num_microbatches`` micro-batches (built and validated once; a
@@ -332,6 +352,8 @@ class PipelineExecutor:
         self._outcome = StepOutcome()
         self._live = 0
         self._comm = StepComm(self.transport, self.timeout_s, self._gradient_metas, self.options.shapes_per_microbatch)
+        if self._buffers is not None:
+            self._buffers.begin()
         actions = [a for a in schedule.actions[self.rank] if not forward_only or self._has_forward(a)]
         plan = [self._io(action) for action in actions]
         t0 = time.perf_counter()
@@ -365,10 +387,12 @@ class PipelineExecutor:
                 self._comm.finish()
                 if schedule.placement.mirrored and not forward_only:
                     self.mirror_sync(self)
+                if self._buffers is not None:
+                    self._buffers.finish()
             except Exception as error:
                 error.add_note(
                     f"pipeline rank {self.rank}, end of the step of {schedule.name} P={schedule.num_ranks} "
-                    f"C={num_microbatches} (waiting for its last sends or the mirrored-gradient exchange)"
+                    f"C={num_microbatches} (waiting for its last sends or the mirrored-gradient/buffer exchange)"
                 )
                 raise
         self._hooks, self._comm = None, None
@@ -388,6 +412,8 @@ class PipelineExecutor:
                 self._comm.post_recv(io.recv)
 
     def _dispatch(self, action: Action) -> None:
+        if self._seeded:
+            self._seat_rngs(action)
         if isinstance(action, Pair):
             if self._forward_only:
                 self._run_forward(action.forward)
@@ -413,6 +439,17 @@ class PipelineExecutor:
             # (tests/runtime/test_lifetime.py says why that aborts gloo jobs at exit).
             with self._grad_scope(action):
                 (self._run_weight if action.kind is OpKind.W else self._run_backward)(action)
+
+    def _seat_rngs(self, action: Action) -> None:
+        """Tell the chunk's MicrobatchRNGs which global micro-batch its forward or backward (which may recompute
+        the forward) runs; a W runs no model code."""
+        ops = (action.forward, action.backward) if isinstance(action, Pair) else (action,)
+        assert len({op.chunk for op in ops}) == len(ops), f"{action}: a pair's two ops run on different chunks"
+        for op in ops:
+            if op.kind is not OpKind.W:
+                microbatch = self._schedule.global_microbatch(op.chunk, op.microbatch)
+                for rng in self._rngs[op.chunk]:
+                    rng.microbatch = microbatch
 
     def _grad_scope(self, action: Action):
         """The hooks' optional ``grad_scope(action)`` (see :class:`StageHooks`), else a no-op."""

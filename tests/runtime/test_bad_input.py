@@ -221,8 +221,9 @@ def test_a_loss_that_is_not_one_value_is_refused_naming_the_fix(loss, needles: l
 
 def test_an_empty_or_shapeless_batch_is_refused_at_the_door() -> None:
     x, y = batch(ONE_RANK, 0)
-    with pytest.raises(PipelineConfigError, match=r"^input batch has 0 rows: each of the 2 micro-batches would be "
-                                                  r"empty \(and its loss NaN\); pass a batch with a multiple of 2 rows"):
+    with pytest.raises(PipelineConfigError, match=r"^input batch has 0 rows: each of the 2 micro-batches would "
+                                                  r"be empty \(and its loss NaN\); pass a batch with a multiple "
+                                                  r"of 2 rows"):
         _one_step(_one_rank(), x[:0], y[:0])
     with pytest.raises(PipelineConfigError, match=r"^label batch has 0 rows"):
         _one_step(_one_rank(), x, y[:0])
