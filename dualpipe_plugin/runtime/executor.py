@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
@@ -36,13 +36,14 @@ from torch import nn
 from torch.autograd.profiler import record_function
 
 from dualpipe_plugin.runtime.comm import StepComm
-from dualpipe_plugin.runtime.errors import PipelineBrokenError, PipelineConfigError
+from dualpipe_plugin.runtime.errors import PipelineConfigError
+from dualpipe_plugin.runtime.failure import FailureLatch
 from dualpipe_plugin.runtime.losses import collect_to, map_tensors, total_loss
 from dualpipe_plugin.runtime.meta import TensorMeta
 from dualpipe_plugin.runtime.mirror import MirroredBuffers, sync_mirrored_grads
 from dualpipe_plugin.runtime.options import PipelineOptions
 from dualpipe_plugin.runtime.overlap import OverlapFallbackWarning, overlap_engine_for
-from dualpipe_plugin.runtime.rng import MirroredGeneratorWarning, microbatch_rngs, private_generators
+from dualpipe_plugin.runtime.rng import microbatch_rngs, warn_private_generators
 from dualpipe_plugin.runtime.stage_io import check_loss, check_stage_outputs
 from dualpipe_plugin.runtime.staged import StagedChunk
 from dualpipe_plugin.runtime.transport import Transport
@@ -178,9 +179,8 @@ class PipelineExecutor:
         self._rngs = [microbatch_rngs(chunk) for chunk in self.chunks]
         self._seeded = any(self._rngs)  # False: no per-action work for seeded randomness
         if placement.mirrored and self.rank == 0:
-            self._warn_private_generators()
-        self._failure: str | None = None
-        """What failed on this pipeline, once something did (then it refuses to communicate)."""
+            warn_private_generators(self.chunks, self.spec.name)
+        self._latch = FailureLatch(self.rank)  # a failed step or collective: refuse to communicate again
         # Per-step state, reset by run().
         self._hooks: StageHooks | None = None
         self._comm: StepComm | None = None
@@ -234,20 +234,6 @@ class PipelineExecutor:
             )
         return engine
 
-    def _warn_private_generators(self) -> None:
-        for index, chunk in enumerate(self.chunks):
-            names = private_generators(chunk)
-            if names:
-                warnings.warn(
-                    f"chunk {index} module(s) {', '.join(names)} keep their own torch.Generator: {self.spec.name} runs "
-                    f"each stage as two copies, one per direction, so such a generator hands micro-batch C/2+m the "
-                    f"draws of micro-batch m; draw from dualpipe_plugin.runtime.MicrobatchRNG(seed) instead (its "
-                    f"draws follow the global micro-batch)",
-                    MirroredGeneratorWarning,
-                    stacklevel=4,
-                )
-                return
-
     def schedule_for(self, num_microbatches: int) -> Schedule:
         """The schedule of a step with ``num_microbatches`` micro-batches (built and validated once; a
         count the schedule cannot run raises :class:`~dualpipe_plugin.schedules.ScheduleConfigError`)."""
@@ -268,48 +254,27 @@ class PipelineExecutor:
     def collect_to(self, values: Mapping[int, Any], *, to: int, what: str = "the losses of this step"):
         """Per-micro-batch ``values`` of every loss rank, merged on pipeline rank ``to`` (None elsewhere);
         see :func:`dualpipe_plugin.runtime.losses.collect_to`. Every pipeline rank calls it."""
-        with self._communicating(what):
+        with self._latch.guard(what):
             return collect_to(self.transport, values, to=to, senders=self.loss_ranks, timeout_s=self.timeout_s,
                               what=what)
 
     def total_loss(self, losses: Mapping[int, torch.Tensor]) -> tuple[torch.Tensor, int]:
         """(sum of all ranks' micro-batch losses, number of non-finite ones) on every rank."""
-        with self._communicating("the step's loss total"):
+        with self._latch.guard("the step's loss total"):
             return total_loss(self.transport, losses, timeout_s=self.timeout_s)
 
     def all_reduce_sum(self, tensor: torch.Tensor, *, what: str) -> None:
         """In-place sum of ``tensor`` over the pipeline ranks under the pipeline's timeout (every pipeline rank
         calls it; ``what`` names it in errors). For adapters and checkpoints: a failure marks the pipeline
         failed like a failed step."""
-        with self._communicating(what):
+        with self._latch.guard(what):
             self.transport.all_reduce_sum(tensor, what=what, timeout_s=self.timeout_s)
 
-    # -- after a failure ---------------------------------------------------------------------------
     @property
     def failure(self) -> str | None:
         """What failed on this pipeline (None while it is usable); once set, every step and collective is
         refused with :class:`~dualpipe_plugin.runtime.errors.PipelineBrokenError`."""
-        return self._failure
-
-    def _refuse_if_failed(self, what: str) -> None:
-        if self._failure is not None:
-            raise PipelineBrokenError(
-                f"pipeline rank {self.rank}: refusing {what}: {self._failure} failed earlier on this pipeline, and "
-                f"messages of it may still be in flight on its links, where they would be taken for this one's. "
-                f"Rebuild it: close() this pipeline, build a new one (a new DualPipeline makes new process "
-                f"groups; pass a new transport if you pass your own) and resume from your last checkpoint"
-            )
-
-    @contextmanager
-    def _communicating(self, what: str):
-        """Run ``what`` (which communicates) unless something failed before; remember it if it fails."""
-        self._refuse_if_failed(what)
-        try:
-            yield
-        except BaseException as error:
-            detail = str(error).splitlines()[0] if str(error) else ""
-            self._failure = f"{what} ({type(error).__name__}{': ' + detail[:200] if detail else ''})"
-            raise
+        return self._latch.failure
 
     def close(self) -> None:
         """Restore the chunks' layers (undo the B/W split bindings)."""
@@ -334,9 +299,9 @@ class PipelineExecutor:
         count for the gradient of the mean loss); the reported losses are not divided. A step that raises
         marks the pipeline failed (see the module docstring).
         """
-        self._refuse_if_failed("a step")
+        self._latch.refuse_if_failed("a step")
         schedule = self.schedule_for(num_microbatches)
-        with self._communicating(f"the step of {schedule.name} P={schedule.num_ranks} C={num_microbatches}"):
+        with self._latch.guard(f"the step of {schedule.name} P={schedule.num_ranks} C={num_microbatches}"):
             return self._run(schedule, num_microbatches, hooks, forward_only=forward_only,
                              return_outputs=return_outputs, record=record, loss_divisor=loss_divisor)
 

@@ -32,6 +32,7 @@ which the executor warns about under a mirrored schedule.
 
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -40,7 +41,10 @@ from torch import nn
 
 from dualpipe_plugin.runtime.errors import PipelineConfigError
 
-__all__ = ["MicrobatchRNG", "MirroredGeneratorWarning", "set_microbatch", "microbatch_rngs", "private_generators"]
+__all__ = [
+    "MicrobatchRNG", "MirroredGeneratorWarning", "set_microbatch", "microbatch_rngs", "private_generators",
+    "warn_private_generators",
+]
 
 _MASK64 = (1 << 64) - 1
 
@@ -111,3 +115,19 @@ def private_generators(module: nn.Module) -> list[str]:
     """Names of the submodules of ``module`` that keep a ``torch.Generator`` as an attribute."""
     return [name or type(sub).__name__ for name, sub in module.named_modules()
             if any(isinstance(value, torch.Generator) for value in vars(sub).values())]
+
+
+def warn_private_generators(chunks: list[nn.Module], schedule: str) -> None:
+    """Warn (:class:`MirroredGeneratorWarning`) if a chunk of mirrored ``schedule`` keeps its own generator."""
+    for index, chunk in enumerate(chunks):
+        names = private_generators(chunk)
+        if names:
+            warnings.warn(
+                f"chunk {index} module(s) {', '.join(names)} keep their own torch.Generator: {schedule} runs each "
+                f"stage as two copies, one per direction, so such a generator hands micro-batch C/2+m the draws of "
+                f"micro-batch m; draw from dualpipe_plugin.runtime.MicrobatchRNG(seed) instead (its draws follow "
+                f"the global micro-batch)",
+                MirroredGeneratorWarning,
+                stacklevel=4,
+            )
+            return
