@@ -11,11 +11,8 @@ At the end of the step it waits for every send, syncs DualPipe's mirrored gradie
 (:mod:`~dualpipe_plugin.runtime.mirror`) and reports the per-micro-batch losses, the peak of live
 activations (equal to the simulator's figure) and, when asked, the measured timeline.
 
-A step that fails (a dead or stuck peer, a user error in a forward) leaves its transfers half done: a
-peer may still send what this rank will never receive, or wait for what it will never send. Those
-messages would be taken for the next step's. So once a step or a collective failed, the executor refuses
-to communicate again (:class:`~dualpipe_plugin.runtime.errors.PipelineBrokenError`, saying to rebuild
-the pipeline); errors raised before anything is sent (bad arguments at the door) leave it usable.
+Once a step or a collective failed, the executor refuses to communicate again
+(:mod:`~dualpipe_plugin.runtime.failure` says why); errors raised before anything is sent leave it usable.
 
 What flows where is fixed by the framework adapters through a :class:`StageHooks` object: how a chunk is
 called, where a first stage's inputs come from and how a last stage turns outputs into a loss. The

@@ -26,8 +26,8 @@ process then draw the same numbers, so losses and gradients match bit for bit::
 
 A layer that needs two independent draws uses two ``MicrobatchRNG`` (two seeds), or draws both inside one
 ``fork()`` in a fixed order. It costs nothing when unused: the executor looks for ``MicrobatchRNG`` modules
-once, when it is built. :func:`private_generators` finds layers that keep their own ``torch.Generator``,
-which the executor warns about under a mirrored schedule.
+once, when it is built. :func:`warn_private_generators` warns (under a mirrored schedule) about layers
+that keep their own ``torch.Generator``.
 """
 
 from __future__ import annotations
