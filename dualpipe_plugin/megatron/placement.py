@@ -327,30 +327,39 @@ def synchronize_initial_copies(chunks: Sequence[Any], *, pp_group: Any) -> None:
     Copies are marked ``param.shared = True`` (the output layer's copy of the embedding; all of DualPipe's
     chunk 1), Megatron's mark for "a duplicate": its optimizers leave such parameters out of the gradient
     norm (clipping) and the zero count, so every parameter of the model is counted once.
+
+    The exchange goes through the runtime's transport on ``pp_group`` and waits at most the pipeline's
+    ``timeout_s``: a peer that died or is stuck while building its model raises
+    :class:`~dualpipe_plugin.runtime.errors.PipelinePeerError` / ``PipelineTimeoutError`` naming it.
     """
     import torch
     import torch.distributed as dist
+
+    from dualpipe_plugin.runtime.transport import P2P, Channel, TorchTransport
 
     config = unwrap(chunks[0]).config
     placement = placement_of(config)
     if placement is None:
         return
     if placement.mirrored and dist.is_initialized():
-        ranks = dist.get_process_group_ranks(pp_group)
-        me = ranks.index(dist.get_rank())
-        peer = ranks[placement.mirror_peer(me)]
         mine = list(unwrap(chunks[0]).parameters())  # stage r: authoritative, goes to the peer's chunk 1
         theirs = list(unwrap(chunks[1]).parameters())  # stage P-1-r: comes from the peer's chunk 0
         device = mine[0].device
+        transport = TorchTransport(dist.get_process_group_ranks(pp_group),
+                                   groups={channel: pp_group for channel in Channel}, device=device)
+        peer = placement.mirror_peer(transport.rank)
+        timeout_s = config.pipeline_options.timeout_s
         with torch.no_grad():
             # Both ranks of a pair see the same set of dtypes (their two chunks are the same two stages).
             for dtype in sorted({p.dtype for p in mine + theirs}, key=str):
                 parts = [p.detach().reshape(-1) for p in mine if p.dtype == dtype]
                 send = torch.cat(parts + [torch.empty(0, dtype=dtype, device=device)])
                 recv = torch.empty(sum(p.numel() for p in theirs if p.dtype == dtype), dtype=dtype, device=device)
-                works = [dist.isend(send, peer, group=pp_group), dist.irecv(recv, peer, group=pp_group)]
-                for work in works:
-                    work.wait()
+                what = f"the initial {str(dtype).removeprefix('torch.')} parameters of the mirrored stages"
+                sending, receiving = transport.start([P2P(True, send, peer, Channel.ACTIVATION, what),
+                                                      P2P(False, recv, peer, Channel.ACTIVATION, what)])
+                receiving.wait(timeout_s)  # first: a stuck peer is then reported as the one not sending
+                sending.wait(timeout_s)
                 offset = 0
                 for p in theirs:
                     if p.dtype == dtype:

@@ -9,6 +9,7 @@ from importlib import import_module
 
 from dualpipe_plugin.runtime.errors import (
     NonFiniteLossError,
+    PipelineBrokenError,
     PipelineConfigError,
     PipelinePeerError,
     PipelineRuntimeError,
@@ -21,13 +22,14 @@ _LAZY = {
     "save_checkpoint": "checkpoint",
     "PipelineExecutor": "executor", "StageHooks": "executor", "StepOutcome": "executor",
     "DualPipeline": "pipeline", "StepResult": "pipeline", "split_stages": "pipeline", "stage_modules": "pipeline",
+    "MicrobatchRNG": "rng", "MirroredGeneratorWarning": "rng", "set_microbatch": "rng",
     "Channel": "transport", "TorchTransport": "transport", "Transport": "transport",
     "new_pipeline_groups": "transport",
 }
 
 __all__ = sorted([
-    "DEFAULT_TIMEOUT_S", "NonFiniteLossError", "PipelineConfigError", "PipelineOptions", "PipelinePeerError",
-    "PipelineRuntimeError", "PipelineTimeoutError", *_LAZY,
+    "DEFAULT_TIMEOUT_S", "NonFiniteLossError", "PipelineBrokenError", "PipelineConfigError", "PipelineOptions",
+    "PipelinePeerError", "PipelineRuntimeError", "PipelineTimeoutError", *_LAZY,
 ])
 
 

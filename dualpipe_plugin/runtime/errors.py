@@ -4,6 +4,7 @@ from __future__ import annotations
 
 __all__ = [
     "PipelineConfigError", "PipelineRuntimeError", "PipelineTimeoutError", "PipelinePeerError", "NonFiniteLossError",
+    "PipelineBrokenError",
 ]
 
 
@@ -25,3 +26,8 @@ class PipelinePeerError(PipelineRuntimeError):
 
 class NonFiniteLossError(PipelineRuntimeError, FloatingPointError):
     """A micro-batch loss was NaN or infinite (raised on every rank, with ``detect_nonfinite=True``)."""
+
+
+class PipelineBrokenError(PipelineRuntimeError):
+    """The pipeline's earlier step (or collective) failed, so it refuses to communicate again: messages of the
+    failed one may still be in flight on its links. Rebuild the pipeline and resume from a checkpoint."""

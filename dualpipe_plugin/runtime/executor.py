@@ -7,9 +7,12 @@ The schedule decides *what* runs *when*; the executor only carries it out. Per a
     run it: F, B, I, W, or an F&B pair     (dispatch table; a pair goes to the overlap engine)
     queue its outputs to the next stage and launch the batch
 
-At the end of the step it waits for every send, syncs DualPipe's mirrored gradients and reports the
-per-micro-batch losses, the peak of live activations (equal to the simulator's figure) and, when asked,
-the measured timeline.
+At the end of the step it waits for every send, syncs DualPipe's mirrored gradients and buffers
+(:mod:`~dualpipe_plugin.runtime.mirror`) and reports the per-micro-batch losses, the peak of live
+activations (equal to the simulator's figure) and, when asked, the measured timeline.
+
+Once a step or a collective failed, the executor refuses to communicate again
+(:mod:`~dualpipe_plugin.runtime.failure` says why); errors raised before anything is sent leave it usable.
 
 What flows where is fixed by the framework adapters through a :class:`StageHooks` object: how a chunk is
 called, where a first stage's inputs come from and how a last stage turns outputs into a loss. The
@@ -31,11 +34,14 @@ from torch.autograd.profiler import record_function
 
 from dualpipe_plugin.runtime.comm import StepComm
 from dualpipe_plugin.runtime.errors import PipelineConfigError
-from dualpipe_plugin.runtime.losses import collect_to, total_loss
+from dualpipe_plugin.runtime.failure import FailureLatch
+from dualpipe_plugin.runtime.losses import collect_to, map_tensors, total_loss
 from dualpipe_plugin.runtime.meta import TensorMeta
-from dualpipe_plugin.runtime.mirror import sync_mirrored_grads
+from dualpipe_plugin.runtime.mirror import MirroredBuffers, sync_mirrored_grads
 from dualpipe_plugin.runtime.options import PipelineOptions
 from dualpipe_plugin.runtime.overlap import OverlapFallbackWarning, overlap_engine_for
+from dualpipe_plugin.runtime.rng import microbatch_rngs, warn_private_generators
+from dualpipe_plugin.runtime.stage_io import check_loss, check_stage_outputs
 from dualpipe_plugin.runtime.staged import StagedChunk
 from dualpipe_plugin.runtime.transport import Transport
 from dualpipe_plugin.runtime.weight_grad import WeightGradStore, WeightSplitter, bind_weight_split
@@ -100,8 +106,9 @@ class StepOutcome:
 
     losses: dict[int, torch.Tensor] = field(default_factory=dict)
     """Global micro-batch -> detached loss, for the micro-batches whose last stage is on this rank."""
-    outputs: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)
-    """Global micro-batch -> last-stage outputs (only with ``return_outputs``)."""
+    outputs: dict[int, tuple[Any, ...]] = field(default_factory=dict)
+    """Global micro-batch -> last-stage outputs, detached (only with ``return_outputs``): a tuple of tensors,
+    or of whatever the last stage returned (a dict of tensors, say)."""
     peak_activations: int = 0
     timeline: list[tuple[Action, float, float]] = field(default_factory=list)
     """(action, start_ms, end_ms) relative to the step's start (only with ``record``); the time an action
@@ -171,6 +178,12 @@ class PipelineExecutor:
         )
         self.overlap: OverlapEngine | None = self._overlap_engine(overlap_advice)
         self.mirror_sync = mirror_sync if mirror_sync is not None else sync_mirrored_grads
+        self._buffers = MirroredBuffers(self) if placement.mirrored else None
+        self._rngs = [microbatch_rngs(chunk) for chunk in self.chunks]
+        self._seeded = any(self._rngs)  # False: no per-action work for seeded randomness
+        if placement.mirrored and self.rank == 0:
+            warn_private_generators(self.chunks, self.spec.name)
+        self._latch = FailureLatch(self.rank)  # a failed step or collective: refuse to communicate again
         # Per-step state, reset by run().
         self._hooks: StageHooks | None = None
         self._comm: StepComm | None = None
@@ -244,12 +257,27 @@ class PipelineExecutor:
     def collect_to(self, values: Mapping[int, Any], *, to: int, what: str = "the losses of this step"):
         """Per-micro-batch ``values`` of every loss rank, merged on pipeline rank ``to`` (None elsewhere);
         see :func:`dualpipe_plugin.runtime.losses.collect_to`. Every pipeline rank calls it."""
-        return collect_to(self.transport, values, to=to, senders=self.loss_ranks, timeout_s=self.timeout_s,
-                          what=what)
+        with self._latch.guard(what):
+            return collect_to(self.transport, values, to=to, senders=self.loss_ranks, timeout_s=self.timeout_s,
+                              what=what)
 
     def total_loss(self, losses: Mapping[int, torch.Tensor]) -> tuple[torch.Tensor, int]:
         """(sum of all ranks' micro-batch losses, number of non-finite ones) on every rank."""
-        return total_loss(self.transport, losses, timeout_s=self.timeout_s)
+        with self._latch.guard("the step's loss total"):
+            return total_loss(self.transport, losses, timeout_s=self.timeout_s)
+
+    def all_reduce_sum(self, tensor: torch.Tensor, *, what: str) -> None:
+        """In-place sum of ``tensor`` over the pipeline ranks under the pipeline's timeout (every pipeline rank
+        calls it; ``what`` names it in errors). For adapters and checkpoints: a failure marks the pipeline
+        failed like a failed step."""
+        with self._latch.guard(what):
+            self.transport.all_reduce_sum(tensor, what=what, timeout_s=self.timeout_s)
+
+    @property
+    def failure(self) -> str | None:
+        """What failed on this pipeline (None while it is usable); once set, every step and collective is
+        refused with :class:`~dualpipe_plugin.runtime.errors.PipelineBrokenError`."""
+        return self._latch.failure
 
     def close(self) -> None:
         """Restore the chunks' layers (undo the B/W split bindings)."""
@@ -271,9 +299,17 @@ class PipelineExecutor:
         """Run one step of ``num_microbatches`` micro-batches; gradients accumulate into ``.grad``.
 
         Each micro-batch's loss is back-propagated as ``loss / loss_divisor`` (pass the micro-batch
-        count for the gradient of the mean loss); the reported losses are not divided.
+        count for the gradient of the mean loss); the reported losses are not divided. A step that raises
+        marks the pipeline failed (see the module docstring).
         """
+        self._latch.refuse_if_failed("a step")
         schedule = self.schedule_for(num_microbatches)
+        with self._latch.guard(f"the step of {schedule.name} P={schedule.num_ranks} C={num_microbatches}"):
+            return self._run(schedule, num_microbatches, hooks, forward_only=forward_only,
+                             return_outputs=return_outputs, record=record, loss_divisor=loss_divisor)
+
+    def _run(self, schedule: Schedule, num_microbatches: int, hooks: StageHooks, *, forward_only: bool,
+             return_outputs: bool, record: bool, loss_divisor: float) -> StepOutcome:
         self._schedule, self._hooks = schedule, hooks
         self._op_io = self._io_tables[num_microbatches]
         self._forward_only, self._return_outputs = forward_only, return_outputs
@@ -284,6 +320,8 @@ class PipelineExecutor:
         self._outcome = StepOutcome()
         self._live = 0
         self._comm = StepComm(self.transport, self.timeout_s, self._gradient_metas, self.options.shapes_per_microbatch)
+        if self._buffers is not None:
+            self._buffers.begin()
         actions = [a for a in schedule.actions[self.rank] if not forward_only or self._has_forward(a)]
         plan = [self._io(action) for action in actions]
         t0 = time.perf_counter()
@@ -317,10 +355,12 @@ class PipelineExecutor:
                 self._comm.finish()
                 if schedule.placement.mirrored and not forward_only:
                     self.mirror_sync(self)
+                if self._buffers is not None:
+                    self._buffers.finish()
             except Exception as error:
                 error.add_note(
                     f"pipeline rank {self.rank}, end of the step of {schedule.name} P={schedule.num_ranks} "
-                    f"C={num_microbatches} (waiting for its last sends or the mirrored-gradient exchange)"
+                    f"C={num_microbatches} (waiting for its last sends or the mirrored-gradient/buffer exchange)"
                 )
                 raise
         self._hooks, self._comm = None, None
@@ -340,6 +380,8 @@ class PipelineExecutor:
                 self._comm.post_recv(io.recv)
 
     def _dispatch(self, action: Action) -> None:
+        if self._seeded:
+            self._seat_rngs(action)
         if isinstance(action, Pair):
             if self._forward_only:
                 self._run_forward(action.forward)
@@ -365,6 +407,17 @@ class PipelineExecutor:
             # (tests/runtime/test_lifetime.py says why that aborts gloo jobs at exit).
             with self._grad_scope(action):
                 (self._run_weight if action.kind is OpKind.W else self._run_backward)(action)
+
+    def _seat_rngs(self, action: Action) -> None:
+        """Tell the chunk's MicrobatchRNGs which global micro-batch its forward or backward (which may recompute
+        the forward) runs; a W runs no model code."""
+        ops = (action.forward, action.backward) if isinstance(action, Pair) else (action,)
+        assert len({op.chunk for op in ops}) == len(ops), f"{action}: a pair's two ops run on different chunks"
+        for op in ops:
+            if op.kind is not OpKind.W:
+                microbatch = self._schedule.global_microbatch(op.chunk, op.microbatch)
+                for rng in self._rngs[op.chunk]:
+                    rng.microbatch = microbatch
 
     def _grad_scope(self, action: Action):
         """The hooks' optional ``grad_scope(action)`` (see :class:`StageHooks`), else a no-op."""
@@ -402,14 +455,16 @@ class PipelineExecutor:
         microbatch = self._schedule.global_microbatch(op.chunk, op.microbatch)
         if io.send is None:
             if self._return_outputs:
-                self._outcome.outputs[microbatch] = tuple(t.detach() for t in outputs)
+                self._outcome.outputs[microbatch] = map_tensors(outputs, torch.Tensor.detach)
             loss = self._hooks.loss(microbatch, outputs)
             if loss is not None:
+                loss = check_loss(loss, rank=self.rank, microbatch=microbatch)
                 self._outcome.losses[microbatch] = loss.detach()
                 if self._loss_divisor != 1.0:
                     loss = loss / self._loss_divisor
             roots = (loss,) if loss is not None and loss.requires_grad else ()
         else:
+            check_stage_outputs(outputs, rank=self.rank, chunk=op.chunk, microbatch=microbatch)
             self._comm.send(io.send, outputs)
             roots = tuple(t for t in outputs if t.requires_grad)
             self._sent_metas[op.key] = tuple(TensorMeta.of(t) for t in roots)

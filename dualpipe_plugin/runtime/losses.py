@@ -8,8 +8,9 @@ ZB1P, rank 0 for a V (DualPipeV, ZB-V), ranks 0 and P-1 for DualPipe's two direc
   ``forward_data_store`` reports) from the loss ranks to one pipeline rank, pickled over the pipeline's
   own point-to-point links, so every wait has the pipeline's timeout and a dead peer is named. Ranks
   that hold no loss send nothing; the destination gets a dict in micro-batch order.
-* :func:`total_loss` sums the losses of all ranks into every rank with one all-reduce, together with the
-  count of non-finite ones (the standalone API's ``result.loss`` and ``detect_nonfinite``).
+* :func:`total_loss` sums the losses of all ranks into every rank with one sum over the ranks (the
+  transport's ``all_reduce_sum``, which names a dead or stuck rank), together with the count of
+  non-finite ones (the standalone API's ``result.loss`` and ``detect_nonfinite``).
 """
 
 from __future__ import annotations

@@ -77,6 +77,17 @@ class StepResult:
 def _split(batch: Batch, num_microbatches: int, what: str) -> list[tuple[torch.Tensor, ...]]:
     tensors = batch if isinstance(batch, tuple) else (batch,)
     for tensor in tensors:
+        if not isinstance(tensor, torch.Tensor):
+            raise PipelineConfigError(
+                f"the {what}s must be a tensor or a tuple of tensors, got {type(tensor).__name__}; stack them into "
+                f"one tensor per {what} (batch along dim 0)"
+            )
+        if tensor.dim() == 0 or tensor.shape[0] == 0:
+            rows = "a 0-dimensional tensor (no batch dimension)" if tensor.dim() == 0 else "0 rows"
+            raise PipelineConfigError(
+                f"{what} batch has {rows}: each of the {num_microbatches} micro-batches would be empty (and its loss "
+                f"NaN); pass a batch with a multiple of {num_microbatches} rows along dim 0"
+            )
         if tensor.shape[0] % num_microbatches:
             raise PipelineConfigError(
                 f"{what} batch of {tensor.shape[0]} does not divide into {num_microbatches} equal micro-batches; "

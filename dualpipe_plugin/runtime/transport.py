@@ -9,11 +9,11 @@ the wrong receive, even on NCCL where tags are ignored. On NCCL a batch goes out
 boundary's transfers); on gloo each op is issued on its own. The NCCL path is not exercised by CI (no
 multi-GPU machine there); the gloo path is, in every multi-process test.
 
-The collectives (``all_reduce_sum``, ``barrier``) are launched with ``async_op=True`` and waited with the
-caller's timeout, like the point-to-point waits: a peer that never joins raises
-:class:`PipelineTimeoutError` after ``timeout_s`` (gloo honours the wait timeout for collectives: measured
-3.0 s for a 3 s timeout against a stalled rank), a peer that died raises :class:`PipelinePeerError`; both
-name this pipeline rank, the operation and the timeout.
+The collectives (``all_reduce_sum``, ``barrier``) are sums over the pipeline ranks built from the same
+named point-to-point links (:mod:`~dualpipe_plugin.runtime.collectives`), waited with the caller's
+timeout: a rank that never joins raises :class:`PipelineTimeoutError` after ``timeout_s`` on the
+others, a dead one :class:`PipelinePeerError` at once; both name this pipeline rank, the missing rank
+and the operation. (``torch.distributed.all_reduce`` reports a broken ring without saying whose.)
 
 Adapters build a transport from their framework's pipeline group and ranks (DeepSpeed's grid, Megatron's
 parallel_state); nothing here assumes the pipeline is the WORLD group.
@@ -22,41 +22,17 @@ parallel_state); nothing here assumes the pipeline is the WORLD group.
 from __future__ import annotations
 
 import datetime
-from dataclasses import dataclass
-from enum import IntEnum
 from typing import Protocol, Sequence
 
 import torch
 import torch.distributed as dist
 
-from dualpipe_plugin.runtime.errors import PipelineConfigError, PipelinePeerError, PipelineTimeoutError
+from dualpipe_plugin.runtime.collectives import sum_over_ranks
+from dualpipe_plugin.runtime.errors import PipelinePeerError, PipelineTimeoutError
+from dualpipe_plugin.runtime.links import P2P, Channel, Work
+from dualpipe_plugin.runtime.options import DEFAULT_TIMEOUT_S
 
 __all__ = ["Channel", "P2P", "Work", "Transport", "TorchTransport", "new_pipeline_groups"]
-
-
-class Channel(IntEnum):
-    """Which logical link a transfer uses."""
-
-    ACTIVATION = 0
-    GRADIENT = 1
-
-
-@dataclass(frozen=True, slots=True)
-class P2P:
-    """One point-to-point operation: send ``tensor`` to, or receive it from, pipeline rank ``peer``."""
-
-    send: bool
-    tensor: torch.Tensor
-    peer: int
-    channel: Channel
-    what: str
-    """Human description used in errors: the op and micro-batch it serves."""
-
-
-class Work(Protocol):
-    def wait(self, timeout_s: float) -> None: ...
-
-    def is_completed(self) -> bool: ...
 
 
 class Transport(Protocol):
@@ -74,7 +50,7 @@ class Transport(Protocol):
         self, tensor: torch.Tensor, *, what: str = "a collective", timeout_s: float | None = None,
     ) -> None:
         """In-place sum over the pipeline ranks (the step's loss, checkpoint agreement); ``what`` names it in
-        errors; wait at most ``timeout_s`` seconds (None: the process group's own timeout)."""
+        errors; wait at most ``timeout_s`` seconds (None: the default pipeline timeout)."""
         ...
 
     def barrier(self, *, what: str = "a barrier", timeout_s: float | None = None) -> None:
@@ -190,40 +166,12 @@ class TorchTransport:
     def all_reduce_sum(
         self, tensor: torch.Tensor, *, what: str = "a collective", timeout_s: float | None = None,
     ) -> None:
-        """In-place sum over the pipeline ranks; a dead or missing peer raises instead of hanging."""
-        if timeout_s is not None and not timeout_s > 0:
-            raise PipelineConfigError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
-        try:
-            work = dist.all_reduce(tensor, group=self.groups[Channel.GRADIENT], async_op=True)
-            if timeout_s is None:
-                completed = work.wait()
-            else:
-                completed = work.wait(timeout=datetime.timedelta(seconds=timeout_s))
-        except RuntimeError as error:
-            named = self._collective_error(what, timeout_s, str(error))
-            if named is None:  # not a failure of a peer (e.g. a tensor the backend refuses): as it came
-                raise
-            raise named from None
-        if completed is False:  # some backends report a timeout by returning False
-            raise self._collective_error(what, timeout_s, "timed out")
+        """In-place sum over the pipeline ranks (:func:`~dualpipe_plugin.runtime.collectives.sum_over_ranks`):
+        a dead or missing peer raises, naming itself, instead of hanging. ``timeout_s=None`` waits
+        :data:`~dualpipe_plugin.runtime.options.DEFAULT_TIMEOUT_S`."""
+        sum_over_ranks(self, tensor, what=what, timeout_s=DEFAULT_TIMEOUT_S if timeout_s is None else timeout_s,
+                       global_ranks=self.ranks)
 
     def barrier(self, *, what: str = "a barrier", timeout_s: float | None = None) -> None:
-        """Every pipeline rank reaches this point (an all-reduce of one element, so it runs on any backend)."""
+        """Every pipeline rank reaches this point (a sum of one element), or this raises after ``timeout_s``."""
         self.all_reduce_sum(torch.zeros(1, device=self.device), what=what, timeout_s=timeout_s)
-
-    def _collective_error(self, what: str, timeout_s: float | None, text: str) -> Exception | None:
-        limit = f"{timeout_s:g} s" if timeout_s is not None else "the process group's timeout"
-        lowered = text.lower()
-        if "timeout" in lowered or "timed out" in lowered:
-            return PipelineTimeoutError(
-                f"pipeline rank {self.rank}: timed out after {limit} in {what} (a collective over the {self.size} "
-                f"pipeline ranks, global ranks {self.ranks}); a rank did not join it: it is stuck, dead, or did "
-                f"not make the same call (every pipeline rank must). Raise the timeout only if that rank is "
-                f"legitimately this slow."
-            )
-        if any(word in lowered for word in ("connection", "peer", "broken pipe", "socket")):
-            return PipelinePeerError(
-                f"pipeline rank {self.rank}: lost a pipeline rank (of global ranks {self.ranks}) during {what} "
-                f"(timeout {limit}): {text.splitlines()[0]}; that rank crashed or was killed: its own log has the cause"
-            )
-        return None

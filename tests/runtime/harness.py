@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from dualpipe_plugin.runtime.pipeline import DualPipeline, split_stages, stage_modules
+from dualpipe_plugin.runtime.rng import MicrobatchRNG, set_microbatch
 from dualpipe_plugin.schedules import build_schedule
 
 
@@ -42,6 +43,10 @@ class Case:
     """None, "sgd" or "adam": step it after every pipeline step (on the reference too)."""
     options: dict = field(default_factory=dict)
     """Extra keyword arguments of DualPipeline (split_weights, timeout_s, ...)."""
+    dropout: float = 0.0
+    """Dropout after every block's tanh, seeded per layer through a MicrobatchRNG (seed 1000 + layer)."""
+    batchnorm: bool = False
+    """BatchNorm instead of LayerNorm in every other block (running statistics: persistent buffers)."""
 
     @property
     def num_stages(self) -> int:
@@ -49,24 +54,42 @@ class Case:
 
     @property
     def id(self) -> str:
-        extras = [k for k, on in (("ckpt", self.checkpoint), ("eval", self.forward_only), ("vary", self.vary_seq)) if on]
+        extras = [k for k, on in (("ckpt", self.checkpoint), ("eval", self.forward_only), ("vary", self.vary_seq),
+                                  ("bn", self.batchnorm)) if on]
+        extras += [f"dropout={self.dropout}"] if self.dropout else []
         extras += [self.optimizer] if self.optimizer else []
         extras += [f"{k}={v}" for k, v in self.options.items()]
         extras += [f"{self.steps}steps"] if self.steps > 1 else []
         return "-".join([self.schedule, f"P{self.ranks}", f"C{self.microbatches}", *extras])
 
 
-class Block(nn.Module):
-    """Linear + tanh (+ LayerNorm every other block, which does not split its weight gradients)."""
+class BatchNormLast(nn.BatchNorm1d):
+    """BatchNorm over the last dimension of (batch, seq, dim) activations."""
 
-    def __init__(self, dim: int, norm: bool, checkpoint: bool):
+    def forward(self, x):
+        return super().forward(x.transpose(1, 2)).transpose(1, 2)
+
+
+class Block(nn.Module):
+    """Linear + tanh (+ LayerNorm or BatchNorm every other block, which do not split their weight gradients),
+    with optional dropout drawn from a per-layer MicrobatchRNG."""
+
+    def __init__(self, dim: int, norm: bool, checkpoint: bool, *, dropout: float = 0.0, seed: int = 0,
+                 batchnorm: bool = False):
         super().__init__()
         self.linear = nn.Linear(dim, dim)
-        self.norm = nn.LayerNorm(dim) if norm else nn.Identity()
+        self.norm = (BatchNormLast(dim) if batchnorm else nn.LayerNorm(dim)) if norm else nn.Identity()
         self.checkpoint = checkpoint
+        self.dropout = dropout
+        if dropout:
+            self.rng = MicrobatchRNG(seed)
 
     def _body(self, x):
-        return self.norm(torch.tanh(self.linear(x)))
+        x = torch.tanh(self.linear(x))
+        if self.dropout:
+            with self.rng.fork():
+                x = nn.functional.dropout(x, self.dropout, self.training)
+        return self.norm(x)
 
     def forward(self, x):
         if self.checkpoint and torch.is_grad_enabled():
@@ -74,10 +97,22 @@ class Block(nn.Module):
         return self._body(x)
 
 
+class ReturnsDict(nn.Module):
+    """A stage that returns its output as ``{"hidden": output}`` (a mapping, not a tuple)."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *inputs):
+        return {"hidden": self.inner(*inputs)}
+
+
 def build_layers(case: Case) -> list[nn.Module]:
     torch.manual_seed(case.seed)
     count = case.num_stages * case.layers_per_stage
-    return [Block(case.dim, norm=i % 2 == 1, checkpoint=case.checkpoint) for i in range(count)]
+    return [Block(case.dim, norm=i % 2 == 1, checkpoint=case.checkpoint, dropout=case.dropout, seed=1000 + i,
+                  batchnorm=case.batchnorm) for i in range(count)]
 
 
 def batch(case: Case, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,27 +164,45 @@ def _stage_names(layers: list[nn.Module], num_stages: int) -> dict[int, str]:
     return {id(p): f"stage{s}.{i}" for s, part in enumerate(stages) for i, p in enumerate(nn.Sequential(*part).parameters())}
 
 
+def _merge_copies(start: torch.Tensor, copies: list[torch.Tensor]) -> torch.Tensor:
+    """DualPipe's buffer rule (runtime/mirror.py) for the two directions' copies of one buffer."""
+    if len(copies) == 1:
+        return copies[0]
+    first, second = copies
+    return (first + second) / 2 if first.is_floating_point() else first + second - start
+
+
 def reference(case: Case) -> dict:
-    """Losses and per-parameter gradients of one process running the whole model, micro-batch by micro-batch.
+    """Losses, per-parameter gradients and buffers of one process running the whole model, micro-batch by
+    micro-batch.
 
     The accumulation order matches the pipeline's (micro-batches in order per stage; dualpipe sums its
-    two directions' gradients at the end), so fp32 results are comparable bit for bit. Returns per step
-    ``losses`` (list by micro-batch), ``grads`` ({name: grad}) and ``mean_loss``; ``params`` at the end.
+    two directions' gradients at the end), so fp32 results are comparable bit for bit. Dropout masks come
+    from per-layer MicrobatchRNGs told each micro-batch's index. Under dualpipe each direction runs on its
+    own copy of the buffers (from the step's start), merged by the runtime's rule at the end of the step.
+    Returns per step ``losses`` (list by micro-batch), ``grads`` ({name: grad}), ``buffers`` ({name:
+    value}) and ``mean_loss``; ``params`` at the end.
     """
     with one_thread():
         layers = build_layers(case)
         model = nn.Sequential(*layers)
         names = _stage_names(layers, case.num_stages)
+        buffer_names = _stage_buffer_names(layers, case.num_stages)
         optimizer = make_optimizer(case.optimizer, model.parameters())
-        losses, grads, means = [], [], []
+        losses, grads, buffers, means = [], [], [], []
         for step in range(case.steps):
             x, y = batch(case, step)
             xs, ys = x.chunk(case.microbatches), y.chunk(case.microbatches)
-            flow_grads = []
+            flow_grads, flow_buffers = [], []
+            start = {id(b): b.clone() for b in model.buffers()}
             step_losses = []
             for flow in _flows(case):
                 model.zero_grad(set_to_none=True)
+                with torch.no_grad():
+                    for b in model.buffers():
+                        b.copy_(start[id(b)])
                 for g in flow:
+                    set_microbatch(model, g)
                     if case.forward_only:
                         with torch.no_grad():
                             loss = loss_fn(model(xs[g]), ys[g])
@@ -158,11 +211,16 @@ def reference(case: Case) -> dict:
                         (loss / case.microbatches).backward()
                     step_losses.append(loss.detach())
                 flow_grads.append({id(p): p.grad.clone() for p in model.parameters() if p.grad is not None})
+                flow_buffers.append({id(b): b.clone() for b in model.buffers()})
             total = flow_grads[0]
             for extra in flow_grads[1:]:
                 total = {k: total[k] + extra[k] for k in total}
+            with torch.no_grad():
+                for b in model.buffers():
+                    b.copy_(_merge_copies(start[id(b)], [copies[id(b)] for copies in flow_buffers]))
             losses.append(step_losses)
             grads.append({names[k]: v for k, v in total.items()})
+            buffers.append({buffer_names[id(b)]: b.clone() for b in model.buffers()})
             # Summed in float64 like StepResult.loss: exact for a dozen fp32 values of similar size.
             means.append((torch.stack(step_losses).double().sum() / case.microbatches).float())
             if optimizer is not None:
@@ -170,7 +228,13 @@ def reference(case: Case) -> dict:
                     p.grad = total[id(p)]
                 optimizer.step()
         params = {names[id(p)]: p.detach().clone() for p in model.parameters()}
-    return {"losses": losses, "grads": grads, "mean_loss": means, "params": params}
+    return {"losses": losses, "grads": grads, "buffers": buffers, "mean_loss": means, "params": params}
+
+
+def _stage_buffer_names(layers: list[nn.Module], num_stages: int) -> dict[int, str]:
+    stages = split_stages(layers, num_stages)
+    return {id(b): f"stage{s}.buffer{i}" for s, part in enumerate(stages)
+            for i, b in enumerate(nn.Sequential(*part).buffers())}
 
 
 def _named_by_stage(chunks, placement, rank: int, value) -> dict[str, torch.Tensor | None]:
@@ -201,7 +265,7 @@ def run_pipeline(rank: int, world_size: int, case: Case, transport=None) -> dict
     pipe = DualPipeline(chunks, case.schedule, loss_fn=loss_fn, transport=transport, **options)
     placement = pipe.placement
     optimizer = make_optimizer(case.optimizer, [p for chunk in chunks for p in chunk.parameters()])
-    losses, grads, peaks, totals = [], [], [], []
+    losses, grads, peaks, totals, buffers = [], [], [], [], []
     for step in range(case.steps):
         for chunk in chunks:
             chunk.zero_grad(set_to_none=True)
@@ -214,12 +278,14 @@ def run_pipeline(rank: int, world_size: int, case: Case, transport=None) -> dict
         peaks.append(result.peak_activations)
         totals.append(result.loss)
         grads.append(_named_by_stage(chunks, placement, rank, _grad_or_none))
+        buffers.append({f"stage{placement.stage(rank, c)}.buffer{i}": b.clone()
+                        for c, chunk in enumerate(chunks) for i, b in enumerate(chunk.buffers())})
         if optimizer is not None:
             optimizer.step()
     pipe.close()
     params = _named_by_stage(chunks, placement, rank, lambda p: p.detach().clone())
     return {"rank": rank, "losses": losses, "grads": grads, "peaks": peaks, "total_loss": result.loss,
-            "total_losses": totals, "params": params}
+            "total_losses": totals, "params": params, "buffers": buffers}
 
 
 def run_with_hook_log(rank: int, world_size: int, case: Case, transport=None) -> dict:
@@ -326,6 +392,11 @@ def compare_to_reference(case: Case, reports: list[dict], ref: dict, *, exact: b
                     f"by {(grad - expected).abs().max().item():.3e}"
                 )
                 seen_grads[name] = seen_grads.get(name, 0) + 1
+        for report in reports:
+            for name, value in report.get("buffers", [{}] * case.steps)[step].items():
+                assert torch.equal(value, ref["buffers"][step][name]), (
+                    f"{case.id} step {step}: buffer {name} on rank {report['rank']} differs from the reference"
+                )
         assert sorted(seen_losses) == list(range(case.microbatches)), f"{case.id}: losses of {sorted(seen_losses)}"
         if not case.forward_only:
             assert set(seen_grads) == set(ref["grads"][step]), f"{case.id}: missing gradients"
@@ -358,7 +429,11 @@ def run_bad_input(rank: int, world_size: int, scenario: str, timeout_s: float, l
     - ``labels_missing``: 1f1b, the last rank passes no labels;
     - ``indivisible``: 1f1b, the last rank's labels have one row too many for the micro-batch count;
     - ``wrong_chunks``: dualpipev, rank 1 passes one chunk instead of two;
-    - ``shapes``: dualpipev, rank 1 builds its stages with dim 8 while rank 0 sends dim 16.
+    - ``shapes``: dualpipev, rank 1 builds its stages with dim 8 while rank 0 sends dim 16;
+    - ``dict_between_stages``: dualpipev, rank 0's first stage returns ``{"hidden": tensor}``;
+    - ``float_loss`` / ``vector_loss``: dualpipev, the loss function returns ``loss.item()`` / the unreduced
+      squared error (rank 0 holds the last stage);
+    - ``empty_batch``: dualpipev, the batch has 0 rows (rank 0 needs it; rank 1 needs no data and waits).
 
     With ``linger_s`` the failing rank stays alive (connections open) that long before raising, so its
     peers cannot notice a closed connection and must end with their own timeout.
@@ -377,8 +452,14 @@ def _bad_input_step(rank: int, world_size: int, scenario: str, timeout_s: float)
     chunks = stage_modules(build_layers(mine), schedule, world_size, rank)
     if scenario == "wrong_chunks" and rank == 1:
         chunks = chunks[:1]
-    pipe = DualPipeline(chunks, schedule, loss_fn=loss_fn, timeout_s=timeout_s, overlap=False)
+    if scenario == "dict_between_stages" and rank == 0:
+        chunks[0] = ReturnsDict(chunks[0])
+    loss = {"float_loss": lambda out, target: loss_fn(out, target).item(),
+            "vector_loss": lambda out, target: (out - target) ** 2}.get(scenario, loss_fn)
+    pipe = DualPipeline(chunks, schedule, loss_fn=loss, timeout_s=timeout_s, overlap=False)
     x, y = batch(case, 0)
+    if scenario == "empty_batch":
+        x, y = x[:0], y[:0]
     last = rank == world_size - 1
     if scenario == "labels_missing" and last:
         y = None

@@ -24,7 +24,9 @@ from dualpipe_plugin.runtime.errors import (
 )
 from dualpipe_plugin.runtime.pipeline import DualPipeline, stage_modules
 from dualpipe_plugin.schedules import ScheduleConfigError
-from tests.runtime.harness import Case, batch, build_layers, die_on_forward, loss_fn, run_bad_input
+from tests.runtime.harness import (
+    Case, ReturnsDict, batch, build_layers, die_on_forward, loss_fn, run_bad_input,
+)
 
 
 class OfflineTransport:
@@ -148,6 +150,89 @@ def test_no_process_group_and_no_transport() -> None:
         DualPipeline([nn.Linear(4, 4)], "1f1b", loss_fn=loss_fn)
 
 
+# -- in process, one rank holding both stages: odd stage outputs, losses and batches ----------------------
+# dualpipev on one rank: stage 0 hands its output to stage 1 locally (no transfer), so everything up to the
+# loss runs against the offline transport.
+ONE_RANK = Case("dualpipev", 1, 2)
+
+
+def _one_rank(chunks=None, loss=loss_fn) -> DualPipeline:
+    chunks = chunks if chunks is not None else stage_modules(build_layers(ONE_RANK), "dualpipev", 1, 0)
+    return DualPipeline(chunks, "dualpipev", loss_fn=loss, transport=OfflineTransport(0, 1), overlap=False)
+
+
+def _one_step(pipe: DualPipeline, x=None, y=None, **options):
+    if x is None:
+        x, y = batch(ONE_RANK, 0)
+    return pipe.step(x, y, num_microbatches=ONE_RANK.microbatches, reduce_loss=False, **options)
+
+
+def test_a_dict_between_stages_is_refused_naming_the_fix() -> None:
+    chunks = stage_modules(build_layers(ONE_RANK), "dualpipev", 1, 0)
+    chunks[0] = ReturnsDict(chunks[0])
+    with pytest.raises(PipelineConfigError) as info:
+        _one_step(_one_rank(chunks))
+    assert str(info.value).startswith("pipeline rank 0: chunk 0 returned a dict (keys ['hidden']) for micro-batch 0; "
+                                      "between pipeline stages a chunk must return a tensor or a tuple of tensors")
+    assert "return tuple(output.values()) in a fixed order" in str(info.value)
+
+
+def test_a_stage_output_that_is_not_a_tensor_is_refused() -> None:
+    class Forgets(nn.Module):
+        def forward(self, x):
+            x * 2  # noqa: B018 -- the mistake under test: no return
+
+    chunks = stage_modules(build_layers(ONE_RANK), "dualpipev", 1, 0)
+    with pytest.raises(PipelineConfigError, match=r"chunk 0 returned None as output 0 for micro-batch 0 \(did its "
+                                                  r"forward forget to return\?\)"):
+        _one_step(_one_rank([Forgets(), chunks[1]]))
+
+
+def test_a_dict_from_the_last_stage_goes_to_the_loss_function() -> None:
+    chunks = stage_modules(build_layers(ONE_RANK), "dualpipev", 1, 0)
+    plain = _one_step(_one_rank(chunks), return_outputs=True)
+    chunks[1] = ReturnsDict(chunks[1])
+    mapped = _one_step(_one_rank(chunks, loss=lambda out, target: loss_fn(out["hidden"], target)), return_outputs=True)
+    assert all(torch.equal(mapped.losses[g], plain.losses[g]) for g in plain.losses)
+    assert torch.equal(mapped.outputs[1][0]["hidden"], plain.outputs[1][0])
+    assert not mapped.outputs[1][0]["hidden"].requires_grad  # detached, like the tuple outputs
+
+
+@pytest.mark.parametrize(
+    "loss, needles",
+    [
+        (lambda out, target: loss_fn(out, target).item(),
+         ["the loss of micro-batch 0 is a float (", "not a tensor", "not loss.item() or float(loss)"]),
+        (lambda out, target: (out - target) ** 2,
+         ["the loss of micro-batch 0 is a tensor of shape [3, 4, 16] (192 values)", "add .mean() (or .sum())"]),
+        (lambda out, target: {"loss": loss_fn(out, target)},
+         ["the loss of micro-batch 0 is a dict ({'loss': tensor("]),
+    ],
+    ids=["float", "unreduced", "dict"],
+)
+def test_a_loss_that_is_not_one_value_is_refused_naming_the_fix(loss, needles: list[str]) -> None:
+    for forward_only in (False, True):
+        with pytest.raises(PipelineConfigError) as info:
+            _one_step(_one_rank(loss=loss), forward_only=forward_only)
+        assert str(info.value).startswith("pipeline rank 0: the loss of micro-batch 0 is ")
+        for needle in needles:
+            assert needle in str(info.value), str(info.value)
+
+
+def test_an_empty_or_shapeless_batch_is_refused_at_the_door() -> None:
+    x, y = batch(ONE_RANK, 0)
+    with pytest.raises(PipelineConfigError, match=r"^input batch has 0 rows: each of the 2 micro-batches would "
+                                                  r"be empty \(and its loss NaN\); pass a batch with a multiple "
+                                                  r"of 2 rows"):
+        _one_step(_one_rank(), x[:0], y[:0])
+    with pytest.raises(PipelineConfigError, match=r"^label batch has 0 rows"):
+        _one_step(_one_rank(), x, y[:0])
+    with pytest.raises(PipelineConfigError, match=r"^input batch has a 0-dimensional tensor \(no batch dimension\)"):
+        _one_step(_one_rank(), torch.tensor(1.0), y)
+    with pytest.raises(PipelineConfigError, match=r"^the inputs must be a tensor or a tuple of tensors, got list"):
+        _one_step(_one_rank(), [x], y)
+
+
 # -- spawned: mistakes only some ranks see ---------------------------------------------------------------
 _DEADLINE_S = 60.0
 _WAIT_ERRORS = ("PipelinePeerError", "PipelineTimeoutError")
@@ -223,3 +308,19 @@ def test_peer_that_dies_mid_step(case: Case, victim: int, survivors: tuple[int, 
     assert failures[victim][0] == "process exited with code 1"
     for rank in survivors:
         _assert_waiter(failures[rank], rank, victim)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "scenario, needle",
+    [
+        ("dict_between_stages", "pipeline rank 0: chunk 0 returned a dict (keys ['hidden']) for micro-batch 0"),
+        ("float_loss", "pipeline rank 0: the loss of micro-batch 0 is a float ("),
+        ("vector_loss", "pipeline rank 0: the loss of micro-batch 0 is a tensor of shape [3, 4, 16]"),
+        ("empty_batch", "input batch has 0 rows: each of the 4 micro-batches would be empty"),
+    ],
+)
+def test_an_odd_output_loss_or_batch_fails_every_rank_in_time(scenario: str, needle: str) -> None:
+    failures = _failures(run_bad_input, 2, (scenario, 5.0))
+    assert failures[0][0] == "PipelineConfigError" and needle in failures[0][1], failures[0]
+    _assert_waiter(failures[1], 1, 0)  # rank 1 names the rank it waited for, within the timeout

@@ -148,6 +148,8 @@ def test_a_rank_killed_before_the_save_is_named_by_the_survivor(tmp_path):
         run_local(_killed_before_the_save, 2, (str(tmp_path / "step_0"),), timeout_s=60)
     survivor = next(f.error for f in failed.value.failures if f.rank == 0)
     assert survivor.startswith((PipelinePeerError.__name__, PipelineTimeoutError.__name__)), survivor
-    assert "pipeline rank 0:" in survivor and "starting checkpoint" in survivor and "20 s" in survivor
+    assert "pipeline rank 0:" in survivor and "starting checkpoint" in survivor, survivor
+    assert ("lost pipeline rank 1 (global rank 1)" in survivor
+            or "pipeline rank 1 (global rank 1) did not join" in survivor), survivor
     assert time.monotonic() - started < 45
     assert latest_checkpoint(tmp_path).name == "step_0"

@@ -1,6 +1,7 @@
 """TorchTransport's collectives keep their timeout on gloo: a rank that never joins fails the others in
-about ``timeout_s`` seconds (not the process group's 30 minutes), with the op, the rank and the timeout named.
-A dead peer (PipelinePeerError) is covered through checkpoints in ``test_checkpoint_faults.py``."""
+about ``timeout_s`` seconds (not the process group's 30 minutes), with the op, the missing rank and the
+timeout named. A dead peer (PipelinePeerError) is covered through checkpoints in
+``test_checkpoint_faults.py`` and through the step's loss total in ``tests/test_dead_peer.py``."""
 
 from __future__ import annotations
 
@@ -37,5 +38,6 @@ def test_a_stalled_rank_fails_the_barrier_of_the_others_after_the_timeout():
     assert [r["sum"] for r in results] == [3.0, 3.0, 3.0]
     for rank, result in enumerate(results[:2]):
         assert result["error"] is not None
-        assert result["error"].startswith(f"pipeline rank {rank}: timed out after 3 s in the test's barrier")
+        assert result["error"].startswith(f"pipeline rank {rank}: timed out after 3 s in the test's barrier: "
+                                          f"pipeline rank 2 (global rank 2) did not join it"), result["error"]
         assert 2.5 < result["seconds"] < 15, result["seconds"]
