@@ -134,7 +134,8 @@ class _MegatronPipeline:
             num_tokens = None
             if config.calculate_per_token_loss:
                 num_tokens = hooks.total_num_tokens
-                self.transport.all_reduce_sum(num_tokens)  # finalize broadcasts it from the last rank
+                # finalize broadcasts it from the last rank
+                self.executor.all_reduce_sum(num_tokens, what="the step's token count")
             self.grads.launch_grad_reduction()
             self.grads.finalize(num_tokens, pg_collection, force_all_reduce)
         store = self.gather_reports(hooks.reports)
