@@ -55,6 +55,7 @@ from dualpipe_plugin.deepspeed.config import (
     read_pipeline_options,
 )
 from dualpipe_plugin.deepspeed.layout import ModuleLayout, partition_method_of, place_layers
+from dualpipe_plugin.deepspeed.optimizer import record_parameters
 from dualpipe_plugin.runtime.executor import PipelineExecutor
 from dualpipe_plugin.runtime.mirror import sync_mirrored_grads
 from dualpipe_plugin.runtime.options import PipelineOptions
@@ -288,14 +289,12 @@ class DualPipeEngine(PipelineEngine):
             partition_method is None and placement.num_chunks == 1
             and placement.num_stages == model.num_stages and placement.stage(model.stage_id, 0) == model.stage_id
         )
-        model_parameters = None
-        if not keeps_slices:
-            self._check_client_optimizer(arguments.get("optimizer"), options)
-            model_parameters = self._materialized(arguments.get("model_parameters"), list(model.parameters()), options)
+        # A pre-built optimizer, parameter groups and scheduler follow the rebuilt layers by global name.
+        followed = None if keeps_slices else record_parameters(model, arguments, options.schedule.name)
         method = None if keeps_slices else partition_method or partition_method_of(model)
         layout = place_layers(model, placement, method)
-        if model_parameters is not None:
-            arguments["model_parameters"] = model_parameters(model)
+        if followed is not None:
+            arguments.update(followed.after_rebuild(model))
         super().__init__(has_bool_tensors, **arguments)
         self._dualpipe = self._build_plan(options, placement, layout)
 
@@ -328,40 +327,6 @@ class DualPipeEngine(PipelineEngine):
                 f"pipeline.schedule={options.schedule.name!r} needs a deepspeed.pipe.PipelineModule, got "
                 f"{type(model).__name__}"
             )
-
-    @staticmethod
-    def _check_client_optimizer(optimizer, options: PipelineOptions) -> None:
-        if isinstance(optimizer, torch.optim.Optimizer):
-            raise DeepSpeedPipelineConfigError(
-                f"pipeline.schedule={options.schedule.name!r} rebuilds this rank's layers inside "
-                f"deepspeed.initialize, so an optimizer built beforehand holds the wrong parameters; configure "
-                f"the optimizer in the config's \"optimizer\" section or pass a callable, e.g. "
-                f"optimizer=lambda params: torch.optim.AdamW(params, lr=1e-4)"
-            )
-
-    @staticmethod
-    def _materialized(model_parameters, old_params: list, options: PipelineOptions):
-        """None (DeepSpeed takes module.parameters()) or a function of the re-partitioned module."""
-        if model_parameters is None:
-            return None
-        given = list(model_parameters)
-        if any(isinstance(item, dict) for item in given):
-            raise DeepSpeedPipelineConfigError(
-                f"pipeline.schedule={options.schedule.name!r} places other layers on this rank than DeepSpeed's "
-                f"partition, so parameter groups built from the module cannot follow them; pass "
-                f"model_parameters as a flat list (e.g. [p for p in model.parameters() if p.requires_grad]) "
-                f"and set per-group options through the config, or leave out \"schedule\""
-            )
-        ids = {id(p) for p in given}
-        if ids == {id(p) for p in old_params}:
-            return lambda module: list(module.parameters())
-        if ids == {id(p) for p in old_params if p.requires_grad}:
-            return lambda module: [p for p in module.parameters() if p.requires_grad]
-        raise DeepSpeedPipelineConfigError(
-            f"pipeline.schedule={options.schedule.name!r} can only follow model_parameters that are all of the "
-            f"PipelineModule's parameters or all of its trainable ones (it rebuilds this rank's layers); "
-            f"freeze parameters with requires_grad=False instead of leaving them out"
-        )
 
     def _build_plan(self, options: PipelineOptions, placement: Placement, layout: ModuleLayout) -> _Plan:
         rank = self.stage_id

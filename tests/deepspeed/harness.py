@@ -66,12 +66,14 @@ __all__ = [
     "run_deepspeed_rank",
     "run_deepspeed_cases",
     "initialize_pipeline_engine",
+    "client_optimizer",
     "merge_rank_params",
     "launch_case",
     "assert_bit_exact",
     "reference_run",
     "params_max_diff",
     "run_checkpoint_rank",
+    "run_optimizer_refusal_rank",
 ]
 
 TIED_KEY = "proj"
@@ -173,6 +175,12 @@ class Case:
     plugin: bool = False
     """``import dualpipe_plugin.deepspeed`` in the rank before building the model (our engine; the schedule
     comes from ``pipeline={"schedule": ...}``)."""
+    client: str = ""
+    """What the script passes to ``deepspeed.initialize`` besides the model (:func:`client_optimizer`):
+    "" (model_parameters; the config's optimizer), "adamw" (a pre-built AdamW over two groups and a
+    LambdaLR bound to it), "layerwise" (the same with the decay group's lr scaled by the building rank's
+    stage), "groups" (the two groups as model_parameters; the config's AdamW and WarmupDecayLR),
+    "callable" (the two groups, an optimizer callable and a scheduler callable)."""
 
     @property
     def world_size(self) -> int:
@@ -263,17 +271,22 @@ def ds_config(case: Case) -> dict[str, Any]:
         optimizer = {"type": "Adam", "params": {"lr": case.lr, "torch_adam": True, "adam_w_mode": False}}
     else:
         raise ValueError(f"optimizer must be 'sgd' or 'adam', got {case.optimizer!r}")
-    config: dict[str, Any] = {
+    if case.client in ("groups",):
+        optimizer = {"type": "AdamW", "params": {"lr": case.lr, "torch_adam": True}}
+    config: dict[str, Any] = {} if case.client in ("adamw", "layerwise", "callable") else {"optimizer": optimizer}
+    if case.client == "groups":
+        config["scheduler"] = {"type": "WarmupDecayLR", "params": {
+            "warmup_min_lr": 0.0, "warmup_max_lr": case.lr, "warmup_num_steps": 2, "total_num_steps": 10}}
+    config.update({
         "train_micro_batch_size_per_gpu": case.micro_batch_size,
         "gradient_accumulation_steps": case.micro_batches,
         "train_batch_size": case.micro_batch_size * case.micro_batches * case.dp,
-        "optimizer": optimizer,
         "zero_optimization": {"stage": case.zero_stage},
         "bf16": {"enabled": case.bf16},
         "gradient_clipping": case.gradient_clipping,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
-    }
+    })
     if case.bf16_fp32_accumulation:
         config["data_types"] = {"grad_accum_dtype": "fp32"}
     if case.zero_stage > 0:
@@ -364,12 +377,45 @@ def run_deepspeed_cases(rank: int, world_size: int, cases: Sequence[Case],
     return results
 
 
+def _warmup(step: int) -> float:
+    return min(1.0, (step + 1) / 2)
+
+
+def client_optimizer(case: Case, model) -> dict[str, Any]:
+    """The ``deepspeed.initialize`` arguments a DeepSpeed script passes besides model and config (see
+    ``Case.client``): two parameter groups (weight decay on matrices, none on biases), as a pre-built torch
+    AdamW with a LambdaLR warm-up bound to it, as ``model_parameters`` for the config's optimizer, or with
+    an optimizer callable and a scheduler callable.
+
+    ``"layerwise"`` scales the decay group's lr by the building rank's stage (1x, 2x, ...): a layer keeps
+    the lr of the stage DeepSpeed's own partition puts it on, wherever a schedule moves it.
+    """
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    scale = 1 + model.stage_id if case.client == "layerwise" else 1
+    groups = [{"params": decay, "weight_decay": 0.1, "lr": case.lr * scale}, {"params": no_decay, "weight_decay": 0.0}]
+    if case.client == "groups":
+        return {"model_parameters": groups}
+    if case.client == "callable":
+        return {"model_parameters": groups,
+                "optimizer": partial(torch.optim.AdamW, lr=case.lr, foreach=False),
+                "lr_scheduler": partial(torch.optim.lr_scheduler.LambdaLR, lr_lambda=_warmup)}
+    optimizer = torch.optim.AdamW(groups, lr=case.lr, foreach=False)
+    return {"optimizer": optimizer, "lr_scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup)}
+
+
 def _run_case(rank: int, case: Case, engine_factory: Callable | None) -> RankResult:
     import deepspeed
 
     model = build_pipeline_module(case)
     config = ds_config(case)
-    if engine_factory is None:
+    if case.client:
+        arguments = client_optimizer(case, model)
+        engine, _, _, scheduler = deepspeed.initialize(model=model, config=config, **arguments)
+        if isinstance(arguments.get("optimizer"), torch.optim.Optimizer):  # the script's objects, followed
+            assert scheduler is arguments["lr_scheduler"] and engine.basic_optimizer is arguments["optimizer"]
+        assert scheduler is not None
+    elif engine_factory is None:
         engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=config
         )
@@ -386,6 +432,7 @@ def _run_case(rank: int, case: Case, engine_factory: Callable | None) -> RankRes
     if case.eval_after:
         eval_loss = float(engine.eval_batch(data_iter(case, case.steps, dp_id, split="eval")).item())
     extras = dict(getattr(engine, "harness_extras", {}))
+    extras["group_lrs"] = [group["lr"] for group in engine.optimizer.param_groups]
     name = type(engine).__name__
     if hasattr(engine, "pipeline_schedule"):
         name += f":{engine.pipeline_schedule}"
@@ -728,17 +775,6 @@ def run_bad_input_rank(rank: int, world_size: int) -> dict[str, tuple | None]:
 
     errors["tensor_parallel_partitioned"] = _initialize_error(tensor_parallel)
 
-    def param_groups():
-        model = build_pipeline_module(base)
-        return init(base, model=model, model_parameters=[{"params": list(model.parameters()), "lr": 0.1}])
-
-    errors["param_groups"] = _initialize_error(param_groups)
-
-    def client_optimizer():
-        model = build_pipeline_module(base)
-        return init(base, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
-
-    errors["client_optimizer"] = _initialize_error(client_optimizer)
     errors["has_bool_tensors"] = _initialize_error(
         lambda: initialize_pipeline_engine(partial(DualPipeEngine, True), build_pipeline_module(base), ds_config(base)))
 
@@ -783,3 +819,55 @@ def run_config_file_rank(rank: int, world_size: int, paths: Sequence[str]) -> di
             "params_finite": all(torch.isfinite(p).all().item() for p in engine.module.parameters()),
         }
     return out
+
+
+def run_optimizer_refusal_rank(rank: int, world_size: int) -> dict[str, tuple | None]:
+    """Pre-built optimizers that cannot follow dualpipev's rebuilt layers, each through ``deepspeed.initialize``
+    on 2 ranks; returns name -> (error type, message, is ValueError) on this rank."""
+    skip_shm_comm_build()
+    import deepspeed
+    import dualpipe_plugin.deepspeed  # noqa: F401
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    case = Case(num_stages=2, plugin=True, pipeline={"schedule": "dualpipev"}, client="adamw")
+
+    def init(model, optimizer, **kwargs):
+        return deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config(case), **kwargs)
+
+    def stepped():
+        model = build_pipeline_module(case)
+        optimizer = client_optimizer(case, model)["optimizer"]
+        for param in model.parameters():
+            param.grad = torch.ones_like(param)
+        optimizer.step()
+        return init(model, optimizer)
+
+    def lbfgs():
+        model = build_pipeline_module(case)
+        return init(model, torch.optim.LBFGS(model.parameters()))
+
+    def foreign():
+        model = build_pipeline_module(case)
+        optimizer = client_optimizer(case, model)["optimizer"]
+        if model.stage_id == 0:
+            optimizer.add_param_group({"params": [nn.Parameter(torch.zeros(3))]})
+        return init(model, optimizer)
+
+    def tied_conflict():
+        model = build_pipeline_module(replace(case, tied=True))
+        first, second = [], []
+        for name, param in model.named_parameters():
+            tied_first = name.startswith("tied_modules") and model.stage_id == 0
+            (first if tied_first or (param.ndim >= 2 and not name.startswith("tied_modules")) else second).append(param)
+        optimizer = torch.optim.AdamW([{"params": first}, {"params": second, "weight_decay": 0.0}], lr=0.01)
+        return init(model, optimizer)
+
+    def mixed_model_parameters():
+        model = build_pipeline_module(case)
+        params = list(model.parameters())
+        return deepspeed.initialize(model=model, model_parameters=[{"params": params[:1]}, *params[1:]],
+                                    config=ds_config(replace(case, client="")))
+
+    return {name: _initialize_error(build) for name, build in [
+        ("stepped", stepped), ("lbfgs", lbfgs), ("foreign", foreign), ("tied_conflict", tied_conflict),
+        ("mixed_model_parameters", mixed_model_parameters)]}

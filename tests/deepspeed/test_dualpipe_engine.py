@@ -267,8 +267,6 @@ def test_bad_input_fails_at_initialize() -> None:
         "dynamic_shape": "dynamic_shape=False",
         "bad_overlap_value": "pipeline.overlap must be true or false",
         "tensor_parallel_partitioned": '"pipe_partitioned": false and "grad_partitioned": false',
-        "param_groups": "model_parameters as a flat list",
-        "client_optimizer": "pass a callable",
         "has_bool_tensors": "has_bool_tensors",
         "eval_too_few_microbatches": "eval_batch with 2 micro-batches.*at least 2 x ranks = 4",
     }
