@@ -51,6 +51,7 @@ from deepspeed.runtime.utils import is_model_parallel_parameter
 from dualpipe_plugin.deepspeed.config import (
     DeepSpeedPipelineConfigError,
     check_engine_setup,
+    pipeline_section,
     read_partition_method,
     read_pipeline_options,
 )
@@ -265,7 +266,7 @@ class DualPipeEngine(PipelineEngine):
         bound = _ENGINE_SIGNATURE.bind(None, *super_args, **super_kwargs)
         arguments = dict(bound.arguments)
         arguments.pop("self")
-        section = self._pipeline_section(arguments)
+        section = pipeline_section(arguments)
         options = read_pipeline_options(section)
         if options is None:
             super().__init__(has_bool_tensors, *super_args, **super_kwargs)
@@ -299,22 +300,6 @@ class DualPipeEngine(PipelineEngine):
         self._dualpipe = self._build_plan(options, placement, layout)
 
     # -- initialisation helpers ------------------------------------------------------------------
-    @staticmethod
-    def _pipeline_section(arguments: dict) -> dict:
-        from deepspeed.runtime.config import DeepSpeedConfig
-
-        config = arguments.get("config_class")
-        if config is None:
-            source = arguments.get("config")
-            args = arguments.get("args")
-            if source is None and args is not None:
-                source = getattr(args, "deepspeed_config", None)
-            model = arguments.get("model")
-            mpu = arguments.get("mpu") or (model.mpu() if isinstance(model, PipelineModule) else None)
-            config = DeepSpeedConfig(source, mpu)
-            arguments["config_class"] = config
-        return config.pipeline
-
     @staticmethod
     def _check_model(model, options: PipelineOptions) -> None:
         if isinstance(model, DualPipeVModule):

@@ -775,6 +775,14 @@ def run_bad_input_rank(rank: int, world_size: int) -> dict[str, tuple | None]:
 
     errors["tensor_parallel_partitioned"] = _initialize_error(tensor_parallel)
 
+    def dualpipev_module(schedule: str):
+        from deepspeed.runtime.pipe.dualpipev import DualPipeVModule
+
+        model = DualPipeVModule(layers=layer_specs(base), num_stages=2, loss_fn=mse_loss, partition_method="uniform")
+        return init(with_schedule(schedule), model=model)
+
+    errors["dualpipev_module"] = _initialize_error(lambda: dualpipev_module("dualpipev"))
+    errors["dualpipev_module_deepspeed"] = type(dualpipev_module("deepspeed")[0]).__name__
     errors["has_bool_tensors"] = _initialize_error(
         lambda: initialize_pipeline_engine(partial(DualPipeEngine, True), build_pipeline_module(base), ds_config(base)))
 
