@@ -55,6 +55,12 @@ from dualpipe_plugin.deepspeed.config import (
     read_partition_method,
     read_pipeline_options,
 )
+from dualpipe_plugin.deepspeed.forward import (
+    check_forward_features,
+    check_forward_hooks,
+    forward_context,
+    refuse_compile,
+)
 from dualpipe_plugin.deepspeed.layout import ModuleLayout, partition_method_of, place_layers
 from dualpipe_plugin.deepspeed.optimizer import record_parameters
 from dualpipe_plugin.runtime.executor import PipelineExecutor
@@ -197,10 +203,11 @@ class _StepHooks:
 
     def forward(self, chunk: int, microbatch: int, inputs: tuple):
         module = self.plan.chunks[chunk]
-        if self.plan.staged:
-            outputs = module(*inputs)
-        else:
-            outputs = module(inputs[0] if len(inputs) == 1 else tuple(inputs))
+        with forward_context(self.engine):  # DeepSpeedEngine.forward's torch_autocast
+            if self.plan.staged:
+                outputs = module(*inputs)
+            else:
+                outputs = module(inputs[0] if len(inputs) == 1 else tuple(inputs))
         if not self.module.training:
             ds_checkpointing.reset()  # as DeepSpeed does between evaluation forwards
         if self.plan.placement.is_last(self.plan.rank, chunk):
@@ -293,11 +300,12 @@ class DualPipeEngine(PipelineEngine):
         # A pre-built optimizer, parameter groups and scheduler follow the rebuilt layers by global name.
         followed = None if keeps_slices else record_parameters(model, arguments, options.schedule.name)
         method = None if keeps_slices else partition_method or partition_method_of(model)
-        layout = place_layers(model, placement, method)
+        layout = place_layers(model, placement, method, schedule=options.schedule.name)
         if followed is not None:
             arguments.update(followed.after_rebuild(model))
         super().__init__(has_bool_tensors, **arguments)
         self._dualpipe = self._build_plan(options, placement, layout)
+        check_forward_features(self, schedule=options.schedule.name, staged=self._dualpipe.staged)
 
     # -- initialisation helpers ------------------------------------------------------------------
     @staticmethod
@@ -376,6 +384,7 @@ class DualPipeEngine(PipelineEngine):
 
     def _step(self, num_microbatches: int, *, train: bool, what: str) -> _Step:
         plan = self._dualpipe
+        check_forward_hooks(self, staged=plan.staged)
         try:
             plan.executor.schedule_for(num_microbatches)
         except ScheduleConfigError as error:
@@ -445,6 +454,11 @@ class DualPipeEngine(PipelineEngine):
         values = {m: value for m, (value, _) in gathered.items()}
         additional = {m: OrderedDict(extra) for m, (_, extra) in gathered.items() if extra is not None}
         return values, additional
+
+    def compile(self, *args, **kwargs):
+        if self._dualpipe is not None:
+            refuse_compile(self._dualpipe.options.schedule.name)
+        return super().compile(*args, **kwargs)
 
     # -- roles: which rank loads data and reports the loss ----------------------------------------
     def is_first_stage(self):

@@ -74,6 +74,7 @@ __all__ = [
     "params_max_diff",
     "run_checkpoint_rank",
     "run_optimizer_refusal_rank",
+    "run_forward_refusal_rank",
 ]
 
 TIED_KEY = "proj"
@@ -99,7 +100,9 @@ class DenseTanh(nn.Module):
         _seeded_uniform_(self.linear.bias, 2 * seed + 1, bound)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.linear(x))
+        y = self.linear(x)
+        self.matmul_dtype = y.dtype  # what the last forward's matmul ran in (torch_autocast tests)
+        return torch.tanh(y)
 
 
 class StagedDenseTanh(DenseTanh):
@@ -125,6 +128,19 @@ class TiedProjection(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight)
+
+
+class LowRankAdapted(nn.Module):
+    """A LoRA-style wrapper a script injects into a built layer: ``linear(x) + up(down(x))``."""
+
+    def __init__(self, linear: nn.Linear, rank: int):
+        super().__init__()
+        self.linear = linear
+        self.down = nn.Linear(linear.in_features, rank, bias=False)
+        self.up = nn.Linear(rank, linear.out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) + self.up(self.down(x))
 
 
 def tied_output_fn(module: TiedProjection, x: torch.Tensor) -> torch.Tensor:
@@ -175,6 +191,10 @@ class Case:
     plugin: bool = False
     """``import dualpipe_plugin.deepspeed`` in the rank before building the model (our engine; the schedule
     comes from ``pipeline={"schedule": ...}``)."""
+    autocast: bool = False
+    """DeepSpeed's ``"torch_autocast": {"enabled": true, "dtype": "bfloat16"}`` (fp32 parameters)."""
+    frozen: tuple[str, ...] = ()
+    """Global parameter names set to ``requires_grad=False`` between building the module and initialize."""
     client: str = ""
     """What the script passes to ``deepspeed.initialize`` besides the model (:func:`client_optimizer`):
     "" (model_parameters; the config's optimizer), "adamw" (a pre-built AdamW over two groups and a
@@ -287,6 +307,8 @@ def ds_config(case: Case) -> dict[str, Any]:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     })
+    if case.autocast:
+        config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     if case.bf16_fp32_accumulation:
         config["data_types"] = {"grad_accum_dtype": "fp32"}
     if case.zero_stage > 0:
@@ -408,6 +430,9 @@ def _run_case(rank: int, case: Case, engine_factory: Callable | None) -> RankRes
     import deepspeed
 
     model = build_pipeline_module(case)
+    for name, param in model.named_parameters():
+        if name in case.frozen:
+            param.requires_grad_(False)
     config = ds_config(case)
     if case.client:
         arguments = client_optimizer(case, model)
@@ -433,6 +458,8 @@ def _run_case(rank: int, case: Case, engine_factory: Callable | None) -> RankRes
         eval_loss = float(engine.eval_batch(data_iter(case, case.steps, dp_id, split="eval")).item())
     extras = dict(getattr(engine, "harness_extras", {}))
     extras["group_lrs"] = [group["lr"] for group in engine.optimizer.param_groups]
+    extras["matmul_dtypes"] = sorted({str(m.matmul_dtype) for m in engine.module.modules() if hasattr(m, "matmul_dtype")})
+    extras["frozen"] = sorted(name for name, p in engine.module.named_parameters() if not p.requires_grad)
     name = type(engine).__name__
     if hasattr(engine, "pipeline_schedule"):
         name += f":{engine.pipeline_schedule}"
@@ -879,3 +906,39 @@ def run_optimizer_refusal_rank(rank: int, world_size: int) -> dict[str, tuple | 
     return {name: _initialize_error(build) for name, build in [
         ("stepped", stepped), ("lbfgs", lbfgs), ("foreign", foreign), ("tied_conflict", tied_conflict),
         ("mixed_model_parameters", mixed_model_parameters)]}
+
+
+def run_forward_refusal_rank(rank: int, world_size: int) -> dict[str, Any]:
+    """What a schedule's chunks cannot honour of DeepSpeed's forward, each refused (2 ranks, dualpipev);
+    returns name -> (error type, message, is ValueError)."""
+    skip_shm_comm_build()
+    import deepspeed
+    import dualpipe_plugin.deepspeed  # noqa: F401
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    base = Case(num_stages=2, plugin=True, pipeline={"schedule": "dualpipev"})
+    staged = replace(base, staged=True, pipeline={"schedule": "dualpipev", "overlap": True})
+
+    def init(case: Case, model=None, config=None):
+        model = build_pipeline_module(case) if model is None else model
+        return deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+                                    config=config or ds_config(case))[0]
+
+    def adapter_injected():  # a layer changed after the PipelineModule was built: the rebuild would drop it
+        model = build_pipeline_module(base)
+        if model.stage_id == 1:
+            model._modules["5"].linear = LowRankAdapted(model._modules["5"].linear, rank=2)
+        return init(base, model)
+
+    def user_hook_with_overlap():
+        engine = init(staged)
+        engine.module.register_forward_hook(lambda module, inputs, output: None)
+        return engine.train_batch(data_iter(staged, 0, 0))
+
+    return {
+        "autocast_with_overlap": _initialize_error(lambda: init(replace(staged, autocast=True))),
+        "autotuning": _initialize_error(lambda: init(base, config={**ds_config(base), "autotuning": {"enabled": True}})),
+        "compile": _initialize_error(lambda: init(base).compile()),
+        "adapter_injected": _initialize_error(adapter_injected),
+        "user_hook_with_overlap": _initialize_error(user_hook_with_overlap),
+    }
