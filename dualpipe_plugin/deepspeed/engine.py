@@ -48,6 +48,7 @@ from deepspeed.runtime.pipe.engine import PipelineEngine
 from deepspeed.runtime.pipe.module import PipelineModule
 from deepspeed.runtime.utils import is_model_parallel_parameter
 
+from dualpipe_plugin.deepspeed.checkpoint import current_placement, load_checkpoint, save_placement
 from dualpipe_plugin.deepspeed.config import (
     DeepSpeedPipelineConfigError,
     check_engine_setup,
@@ -517,6 +518,35 @@ class DualPipeEngine(PipelineEngine):
             p.grad.mul_(coefficient.to(p.grad.dtype))
 
     # -- checkpoints ---------------------------------------------------------------------------------
+    def _placement_now(self) -> dict:
+        """The schedule, layer bounds and stages per rank this engine runs (TrainSchedule's without one)."""
+        plan = self._dualpipe
+        if plan is None:
+            return dict(schedule="deepspeed", parts=[int(b) for b in self.module.parts],
+                        stages=[[rank] for rank in range(self.num_stages)])
+        placement = plan.placement
+        return dict(schedule=plan.options.schedule.name, parts=list(plan.layout.parts),
+                    stages=[[placement.stage(r, c) for c in range(placement.num_chunks)]
+                            for r in range(placement.num_ranks)])
+
+    def save_checkpoint(self, save_dir, tag=None, client_state={}, save_latest=True, exclude_frozen_parameters=False):
+        """DeepSpeed's checkpoint, after the placement record (dualpipe_plugin.deepspeed.checkpoint)."""
+        save_placement(self, save_dir, tag, **self._placement_now())
+        return super().save_checkpoint(save_dir, tag, client_state, save_latest, exclude_frozen_parameters)
+
+    def load_checkpoint(self, load_dir, tag=None, load_module_strict=True, load_optimizer_states=True,
+                        load_lr_scheduler_states=True, load_module_only=False, custom_load_fn=None):
+        """DeepSpeed's loader for a checkpoint of this placement; by global name (or one clear refusal on
+        every rank) for another schedule, P or DP (dualpipe_plugin.deepspeed.checkpoint)."""
+        return load_checkpoint(
+            self, super().load_checkpoint,
+            lambda: self.load_module_state_dict({"module": None}, strict=load_module_strict),
+            current_placement(self, **self._placement_now()), load_dir, tag,
+            load_module_strict=load_module_strict, load_optimizer_states=load_optimizer_states,
+            load_lr_scheduler_states=load_lr_scheduler_states, load_module_only=load_module_only,
+            custom_load_fn=custom_load_fn,
+        )
+
     def _saved_chunks(self) -> list[int]:
         """Chunks whose layers this rank writes: all, except dualpipe's mirrored copies (written by their owner)."""
         plan = self._dualpipe

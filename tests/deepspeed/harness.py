@@ -75,6 +75,9 @@ __all__ = [
     "run_checkpoint_rank",
     "run_optimizer_refusal_rank",
     "run_forward_refusal_rank",
+    "Leg",
+    "run_legs_rank",
+    "MoEDense",
 ]
 
 TIED_KEY = "proj"
@@ -116,6 +119,50 @@ class StagedDenseTanh(DenseTanh):
         from dualpipe_plugin.runtime.staged import ComputeStage
 
         return [ComputeStage("dense", self.forward)]
+
+
+class _Expert(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.fc = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.fc(x))
+
+
+class MoEDense(nn.Module):
+    """``x + MoE(x)``: DeepSpeed's own ``deepspeed.moe.layer.MoE`` (top-1 gate, no random token selection,
+    capacity for every token, so the math does not depend on the order micro-batches run in), with
+    ``num_experts`` experts over expert-parallel groups of ``ep_size`` data-parallel ranks.
+
+    Every expert starts from values of its own (:func:`seed_experts`), so a loader that puts an expert's
+    weights on another expert is caught."""
+
+    def __init__(self, width: int, seed: int, num_experts: int = 4, ep_size: int = 2):
+        super().__init__()
+        from deepspeed.moe.layer import MoE
+
+        self.seed = seed
+        self.moe = MoE(width, _Expert(width), num_experts=num_experts, ep_size=ep_size, k=1, use_rts=False,
+                       capacity_factor=float(num_experts), min_capacity=0)
+        _seeded_uniform_(self.moe.deepspeed_moe.gate.wg.weight, 2 * seed, 1.0 / width**0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _, _ = self.moe(x)
+        return x + out
+
+
+def seed_experts(model, case: "Case") -> None:
+    """Give every expert of the built PipelineModule values seeded by (layer seed, GLOBAL expert id); the
+    expert-parallel rank is the data-parallel index modulo ep_size, as DeepSpeed forms its groups."""
+    ep_rank = model._grid.get_data_parallel_id() % case.ep_size
+    for layer in model.modules():
+        if isinstance(layer, MoEDense):
+            experts = layer.moe.deepspeed_moe.experts.deepspeed_experts
+            for local, expert in enumerate(experts):
+                global_id = ep_rank * len(experts) + local
+                _seeded_uniform_(expert.fc.weight, 1000 * layer.seed + 2 * global_id, 0.2)
+                _seeded_uniform_(expert.fc.bias, 1000 * layer.seed + 2 * global_id + 1, 0.2)
 
 
 class TiedProjection(nn.Module):
@@ -195,6 +242,9 @@ class Case:
     """DeepSpeed's ``"torch_autocast": {"enabled": true, "dtype": "bfloat16"}`` (fp32 parameters)."""
     frozen: tuple[str, ...] = ()
     """Global parameter names set to ``requires_grad=False`` between building the module and initialize."""
+    moe: bool = False
+    """Every other dense layer (the odd ones) is a MoEDense (DeepSpeed MoE, 4 experts, ep_size below)."""
+    ep_size: int = 2
     client: str = ""
     """What the script passes to ``deepspeed.initialize`` besides the model (:func:`client_optimizer`):
     "" (model_parameters; the config's optimizer), "adamw" (a pre-built AdamW over two groups and a
@@ -236,6 +286,9 @@ def layer_specs(case: Case) -> list:
 
     layer = StagedDenseTanh if case.staged else DenseTanh
     dense = [LayerSpec(layer, case.width, seed=case.seed * 1000 + i + 1) for i in range(case.num_layers)]
+    if case.moe:
+        dense = [LayerSpec(MoEDense, case.width, seed=case.seed * 1000 + i + 1, ep_size=case.ep_size) if i % 2 else spec
+                 for i, spec in enumerate(dense)]
     if not case.tied:
         return dense
     tied_seed = case.seed * 1000
@@ -250,7 +303,7 @@ def build_pipeline_module(case: Case, **kwargs):
     """A ``PipelineModule`` over ``layer_specs(case)``; needs an initialised process group."""
     from deepspeed.pipe import PipelineModule
 
-    return PipelineModule(
+    module = PipelineModule(
         layers=layer_specs(case),
         num_stages=case.num_stages,
         loss_fn=mse_loss,
@@ -258,6 +311,9 @@ def build_pipeline_module(case: Case, **kwargs):
         activation_checkpoint_interval=case.activation_checkpoint_interval,
         **kwargs,
     )
+    if case.moe:
+        seed_experts(module, case)
+    return module
 
 
 def _spec_param_counts(case: Case) -> list[int]:
@@ -942,3 +998,97 @@ def run_forward_refusal_rank(rank: int, world_size: int) -> dict[str, Any]:
         "adapter_injected": _initialize_error(adapter_injected),
         "user_hook_with_overlap": _initialize_error(user_hook_with_overlap),
     }
+
+
+# --- checkpoints across schedules --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Leg:
+    """One stretch of a training run: an engine for ``case`` (its schedule, optimizer, ...), optionally loading
+    checkpoint ``load`` first, training ``steps`` (data by step index), optionally saving ``save`` after."""
+
+    case: Case
+    steps: tuple[int, ...] = ()
+    load: str | None = None
+    module_only: bool = False
+    save: str | None = None
+    damage_record: bool = False
+    """Before loading, global rank 0 overwrites the checkpoint's dualpipe_placement.json with broken JSON."""
+    optimizer_snapshot: bool = False
+    """Report the optimizer state (full tensors by global name) after loading and after training."""
+
+
+def _optimizer_snapshot(engine) -> dict[str, dict[str, torch.Tensor]]:
+    """Every parameter's full optimizer state and fp32 master by GLOBAL name (a collective over data parallel)."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    from dualpipe_plugin.deepspeed.placement_record import ExpertNames
+
+    names = ExpertNames.of_module(engine.module)
+    flat = not isinstance(engine.optimizer, torch.optim.Optimizer)
+    out = {}
+    for name, param in engine.module.named_parameters():
+        if flat:
+            entry = {key: safe_get_full_optimizer_state(param, key).clone() for key in ("exp_avg", "exp_avg_sq")}
+            entry["fp32"] = safe_get_full_fp32_param(param).clone()
+        else:
+            entry = {k: v.clone() for k, v in engine.optimizer.state[param].items() if torch.is_tensor(v)}
+        out[names.to_global(name)] = entry
+    return out
+
+
+def _engine_for(case: Case):
+    import deepspeed
+
+    if case.plugin:
+        import dualpipe_plugin.deepspeed as plugin
+
+        plugin.register()
+    elif "dualpipe_plugin.deepspeed" in sys.modules:
+        sys.modules["dualpipe_plugin.deepspeed"].unregister()
+    model = build_pipeline_module(case)
+    if case.client:
+        return deepspeed.initialize(model=model, config=ds_config(case), **client_optimizer(case, model))[0]
+    return deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+                                config=ds_config(case))[0]
+
+
+def run_legs_rank(rank: int, world_size: int, legs: Sequence[Leg], directory: str) -> list[dict]:
+    """The legs one after the other in these processes, each with a fresh engine; per leg: the engine's name,
+    its losses, the parameters right after loading and after training (this rank's, by global name), the
+    step counter, and the refusal if loading raised (the leg then stops there)."""
+    skip_shm_comm_build()
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    out = []
+    for leg in legs:
+        engine = _engine_for(leg.case)
+        dp_id = engine.grid.get_data_parallel_id()
+        report: dict[str, Any] = {"engine": f"{type(engine).__name__}:{getattr(engine, 'pipeline_schedule', '')}",
+                                  "stage_id": engine.stage_id, "dp_id": dp_id, "error": None}
+        if leg.damage_record:
+            if torch.distributed.get_rank() == 0:
+                with open(f"{directory}/{leg.load}/dualpipe_placement.json", "w") as handle:
+                    handle.write("{")
+            torch.distributed.barrier()
+        if leg.load is not None:
+            try:
+                engine.load_checkpoint(directory, tag=leg.load, load_module_only=leg.module_only)
+            except Exception as error:  # noqa: BLE001 - the test inspects it
+                report["error"] = (type(error).__name__, str(error), isinstance(error, ValueError))
+                out.append(report)
+                continue
+        report["loaded"] = _param_snapshot(engine.module)
+        report["global_steps"] = engine.global_steps
+        if leg.optimizer_snapshot:
+            report["loaded_optimizer"] = _optimizer_snapshot(engine)
+        report["losses"] = [float(engine.train_batch(data_iter(leg.case, step, dp_id)).item()) for step in leg.steps]
+        report["params"] = _param_snapshot(engine.module)
+        if leg.optimizer_snapshot:
+            report["optimizer"] = _optimizer_snapshot(engine)
+        if leg.save is not None:
+            engine.save_checkpoint(directory, tag=leg.save)
+        out.append(report)
+    return out
