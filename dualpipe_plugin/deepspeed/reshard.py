@@ -117,6 +117,7 @@ def read_flat_state(directory: str, saved: Placement, wanted: dict[str, torch.Si
     state = NamedState()
     prefix = "bf16_" if any(f.startswith("bf16_zero_pp_rank_") for f in os.listdir(directory)) else ""
     fragments: dict[str, list[tuple[int, dict[str, torch.Tensor]]]] = defaultdict(list)
+    source: dict[str, int] = {}  # a tied weight is saved by every rank holding a copy: read the first one's
     for rank in _saved_holders(saved, set(wanted)):
         for dp_rank in range(saved.data_parallel):
             record = saved.rank(pipeline_rank=rank, dp_rank=dp_rank)
@@ -131,7 +132,7 @@ def read_flat_state(directory: str, saved: Placement, wanted: dict[str, torch.Si
                 master = flat["single_partition_of_fp32_groups"][index]
                 for local_name, address in mapping.items():
                     name = names.to_global(local_name)
-                    if name not in wanted:
+                    if name not in wanted or source.setdefault(name, rank) != rank:
                         continue
                     span = slice(address.start, address.start + address.numel)
                     pieces = {"fp32": master[span]}

@@ -1016,7 +1016,7 @@ class Leg:
     damage_record: bool = False
     """Before loading, global rank 0 overwrites the checkpoint's dualpipe_placement.json with broken JSON."""
     optimizer_snapshot: bool = False
-    """Report the optimizer state (full tensors by global name) after loading and after training."""
+    """Report the optimizer state (full tensors by global name) after loading (if it loads) and after training."""
 
 
 def _optimizer_snapshot(engine) -> dict[str, dict[str, torch.Tensor]]:
@@ -1082,7 +1082,7 @@ def run_legs_rank(rank: int, world_size: int, legs: Sequence[Leg], directory: st
                 continue
         report["loaded"] = _param_snapshot(engine.module)
         report["global_steps"] = engine.global_steps
-        if leg.optimizer_snapshot:
+        if leg.optimizer_snapshot and leg.load is not None:  # a fresh optimizer has no state to snapshot yet
             report["loaded_optimizer"] = _optimizer_snapshot(engine)
         report["losses"] = [float(engine.train_batch(data_iter(leg.case, step, dp_id)).item()) for step in leg.steps]
         report["params"] = _param_snapshot(engine.module)

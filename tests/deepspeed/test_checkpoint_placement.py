@@ -119,14 +119,28 @@ def test_dense_resume_across_schedules_and_refusals() -> None:
 def test_zero1_dp2_resume_across_schedules_and_sizes() -> None:
     """P=2 x DP=2, ZeRO-1 (partitioned flat fp32 state, re-sharded by name through DeepSpeed's own universal
     loader). Then the dualpipev checkpoint of P=2 x DP=2 resumed on P=4 x DP=1 (the same 4 processes): every
-    weight, fp32 master and Adam moment arrives where the new placement keeps it, bit for bit."""
+    weight, fp32 master and Adam moment arrives where the new placement keeps it, bit for bit. And a tied
+    weight's state, saved by both of TrainSchedule's copies, loads once into dualpipev's single copy."""
     base = Case(num_stages=2, dp=2, zero_stage=1, optimizer="adam", lr=0.01)
     journey = _journey(base)
     journey[3] = replace(journey[3], optimizer_snapshot=True)
     four = replace(base, num_stages=4, dp=1, micro_batches=8)
-    per_rank = _run(journey + [Leg(_ours(four, "dualpipev"), steps=(4,), load="v3", optimizer_snapshot=True)],
-                    base.world_size)
+    tied = replace(base, tied=True)
+    per_rank = _run(journey + [
+        Leg(_ours(four, "dualpipev"), steps=(4,), load="v3", optimizer_snapshot=True),
+        # a tied weight: TrainSchedule saves a copy (and its state) on both pipeline ranks, dualpipev holds one
+        Leg(_ours(tied, "deepspeed"), steps=(0, 1), save="tied", optimizer_snapshot=True),
+        Leg(_ours(tied, "dualpipev"), load="tied", optimizer_snapshot=True),
+    ], base.world_size)
     _assert_journey_exact(per_rank)
+    for saved_leg, loaded_leg in ((6, 7),):
+        saved, loaded = {}, {}
+        for reports in per_rank:
+            if reports[saved_leg]["dp_id"] == 0:
+                saved.update(reports[saved_leg]["optimizer"])
+            loaded.update(reports[loaded_leg]["loaded_optimizer"])
+        assert saved.keys() == loaded.keys() and "tied_modules.proj.weight" in saved
+        assert all(torch.equal(saved[n][k], loaded[n][k]) for n in saved for k in saved[n]), "tied state"
     saved_weights = _merged(per_rank, 3, "params", 0)
     saved_state = {}
     for reports in per_rank:
