@@ -7,8 +7,8 @@
 
 * the same (same layer bounds on the same ranks, same P and DP, same kind of optimizer state - e.g.
   dualpipev -> zbv, 1f1b -> TrainSchedule): DeepSpeed's own loader, bit for bit what it always did;
-* different: loaded by GLOBAL parameter name. Weights: dense layers from DeepSpeed's per-layer files
-  (named by global layer index already); DeepSpeed MoE layers from the per-rank module files and the expert
+* different: loaded by GLOBAL parameter name. Weights: from DeepSpeed's per-layer files (named by global
+  layer index already) or, for ranks with DeepSpeed MoE layers, the per-rank module files and the expert
   files, found through the record (which saving rank held each MoE module, as which local MoE index).
   Optimizer state (a full load): re-sharded by name (:mod:`~dualpipe_plugin.deepspeed.reshard`); then the LR
   scheduler, the step counters and the client state, as DeepSpeed restores them.
@@ -80,8 +80,8 @@ class _Plan:
     saved: Placement
     main: dict = field(default_factory=dict)
     """The saving pipeline rank 0's ``mp_rank_00_model_states.pt`` (counters, scheduler, client state)."""
-    module_state: dict | None = None
-    """MoE models: the whole module state by this rank's names (dense models load the layer files)."""
+    module_state: dict = field(default_factory=dict)
+    """This rank's whole module state by its names."""
     optimizer: NamedState | None = None
 
 
@@ -102,17 +102,34 @@ def _fix(full: bool) -> str:
             "or resume with the schedule, pipeline size and data-parallel size it was saved with")
 
 
-def _moe_module_state(engine, directory: str, saved: Placement) -> dict:
-    """This rank's module state from another placement's MoE checkpoint: the non-expert tensors from the
-    saving ranks' module files, each expert from the file of the saving rank that held its MoE module."""
-    wanted = set(engine.module.state_dict().keys())
+def _layer_files_for(engine, key: str) -> list[str]:
+    """DeepSpeed's per-layer files that can hold module key ``key`` (a tied module is saved at one of its uses)."""
+    from deepspeed.pipe import TiedLayerSpec
+
+    head, _, rest = key.partition(".")
+    if head.isdigit():
+        return [f"layer_{int(head):02d}-model_states.pt"]
+    if head == "tied_modules":
+        tied = rest.partition(".")[0]
+        return [f"layer_{i:02d}-model_states.pt" for i, spec in enumerate(engine.module._layer_specs)
+                if isinstance(spec, TiedLayerSpec) and spec.key == tied]
+    return []
+
+
+def _module_state(engine, directory: str, saved: Placement) -> dict:
+    """This rank's module state by name from a checkpoint of another placement. DeepSpeed writes a rank's
+    layers in per-layer files (``layer_XX-model_states.pt``, by global index) - or, on a rank with MoE layers,
+    in its ``mp_rank_XX_model_states.pt`` and the experts in expert files named by the rank's local MoE index
+    and its pipeline rank, found through the record. Each key comes from wherever it was written."""
+    wanted = list(engine.module.state_dict().keys())
     state: dict[str, torch.Tensor] = {}
     for rank in range(saved.pipeline_ranks):
         module = torch.load(os.path.join(directory, f"mp_rank_{rank:02d}_model_states.pt"), map_location="cpu",
-                            weights_only=False)["module"]
-        for key, value in module.items():
-            if key in wanted:
-                state.setdefault(key, value)
+                            weights_only=False).get("module")
+        if isinstance(module, dict):
+            for key in wanted:
+                if key in module:
+                    state.setdefault(key, module[key])
     names = ExpertNames.of_module(engine.module)
     for path in names.modules:
         holder = next(((r["pipeline_rank"], r["moe_layers"].index(path)) for r in saved.ranks
@@ -126,6 +143,23 @@ def _moe_module_state(engine, directory: str, saved: Placement) -> dict:
             local_prefix = f"{path}.deepspeed_moe.experts.deepspeed_experts.{local}."
             for key, value in torch.load(file, map_location="cpu", weights_only=False).items():
                 state[local_prefix + key[len(saved_prefix):] if key.startswith(saved_prefix) else key] = value
+    layer_files: dict[str, dict | None] = {}
+    for key in wanted:
+        if key in state:
+            continue
+        for file in _layer_files_for(engine, key):
+            if file not in layer_files:
+                path = os.path.join(directory, file)
+                layer_files[file] = (torch.load(path, map_location="cpu", weights_only=False)
+                                     if os.path.isfile(path) else None)
+            content, local_key = layer_files[file], key.split(".", 2 if key.startswith("tied_modules.") else 1)[-1]
+            if content is not None and local_key in content:
+                state[key] = content[local_key]
+                break
+    missing = [key for key in wanted if key not in state]
+    if missing:
+        raise ValueError(f"it holds no weights for {len(missing)} tensor(s) of this rank, e.g. {missing[0]!r} "
+                         f"(another model?)")
     return state
 
 
@@ -139,7 +173,7 @@ def _read_optimizer(engine, plan: _Plan) -> NamedState:
                          f"keeps {kinds.get(current_kind, current_kind)}: only the same kind can be moved by name")
     names = [name for group in optimizer_names(engine) for name in group]
     if current_kind == "torch":
-        state = read_torch_state(plan.directory, saved, set(names), moe=engine.has_moe_layers)
+        state = read_torch_state(plan.directory, saved, set(names))
         missing = [n for n in names if n not in state.known]
     else:
         shapes = {}
@@ -175,8 +209,7 @@ def _prepare(engine, directory: str, current: Placement, *, full: bool, optimize
     plan = _Plan(directory, saved)
     plan.main = torch.load(os.path.join(directory, "mp_rank_00_model_states.pt"), map_location="cpu",
                            weights_only=False)
-    if engine.has_moe_layers:
-        plan.module_state = _moe_module_state(engine, directory, saved)
+    plan.module_state = _module_state(engine, directory, saved)
     if full and optimizer_states and engine.optimizer is not None:
         plan.optimizer = _read_optimizer(engine, plan)
     return False, plan
@@ -212,13 +245,9 @@ def _load_scheduler(engine, saved_state: dict | None) -> None:
         scheduler._last_lr = [group["lr"] for group in engine.optimizer.param_groups]
 
 
-def _apply(engine, plan: _Plan, *, strict: bool, full: bool, optimizer_states: bool, scheduler_states: bool,
-           load_module: Callable[[], None]) -> tuple[str, dict]:
-    engine._curr_ckpt_path = plan.directory
-    if plan.module_state is not None:
-        engine.module.load_state_dict(plan.module_state, strict=strict)
-    else:
-        load_module()
+def _apply(engine, plan: _Plan, *, strict: bool, full: bool, optimizer_states: bool,
+           scheduler_states: bool) -> tuple[str, dict]:
+    engine.module.load_state_dict(plan.module_state, strict=strict)
     checkpoint = plan.main
     engine.loaded_checkpoint_dp_world_size = checkpoint["dp_world_size"]
     if plan.optimizer is not None:
@@ -247,11 +276,10 @@ def _apply(engine, plan: _Plan, *, strict: bool, full: bool, optimizer_states: b
     return os.path.join(plan.directory, "mp_rank_00_model_states.pt"), client_state
 
 
-def load_checkpoint(engine, deepspeed_load: Callable, load_module: Callable[[], None], current: Placement,
-                    load_dir: str, tag=None, *, load_module_strict: bool = True, load_optimizer_states: bool = True,
+def load_checkpoint(engine, deepspeed_load: Callable, current: Placement, load_dir: str, tag=None, *, load_module_strict: bool = True, load_optimizer_states: bool = True,
                     load_lr_scheduler_states: bool = True, load_module_only: bool = False, custom_load_fn=None):
-    """``engine.load_checkpoint`` (see the module docstring). ``deepspeed_load(load_dir, tag, ...)`` is
-    DeepSpeed's own loader, ``load_module()`` loads the dense layer files into this engine's chunks."""
+    """``engine.load_checkpoint`` (see the module docstring); ``deepspeed_load(load_dir, tag, ...)`` is
+    DeepSpeed's own loader."""
     arguments = dict(load_module_strict=load_module_strict, load_optimizer_states=load_optimizer_states,
                      load_lr_scheduler_states=load_lr_scheduler_states, load_module_only=load_module_only,
                      custom_load_fn=custom_load_fn)
@@ -271,4 +299,4 @@ def load_checkpoint(engine, deepspeed_load: Callable, load_module: Callable[[], 
         return deepspeed_load(load_dir, resolved, **arguments)
     return _apply(engine, plan, strict=load_module_strict, full=full,
                   optimizer_states=load_optimizer_states and full,
-                  scheduler_states=load_lr_scheduler_states and full, load_module=load_module)
+                  scheduler_states=load_lr_scheduler_states and full)

@@ -63,6 +63,7 @@ from dualpipe_plugin.deepspeed.forward import (
     refuse_compile,
 )
 from dualpipe_plugin.deepspeed.layout import ModuleLayout, partition_method_of, place_layers
+from dualpipe_plugin.deepspeed.moe_groups import create_expert_groups
 from dualpipe_plugin.deepspeed.optimizer import record_parameters
 from dualpipe_plugin.runtime.executor import PipelineExecutor
 from dualpipe_plugin.runtime.mirror import sync_mirrored_grads
@@ -304,6 +305,8 @@ class DualPipeEngine(PipelineEngine):
         layout = place_layers(model, placement, method, schedule=options.schedule.name)
         if followed is not None:
             arguments.update(followed.after_rebuild(model))
+        if not keeps_slices:  # a rank the placement leaves without MoE layers still joins their groups' creation
+            create_expert_groups(model, use_data_before_expert_parallel=config.use_data_before_expert_parallel_)
         super().__init__(has_bool_tensors, **arguments)
         self._dualpipe = self._build_plan(options, placement, layout)
         check_forward_features(self, schedule=options.schedule.name, staged=self._dualpipe.staged)
@@ -539,9 +542,7 @@ class DualPipeEngine(PipelineEngine):
         """DeepSpeed's loader for a checkpoint of this placement; by global name (or one clear refusal on
         every rank) for another schedule, P or DP (dualpipe_plugin.deepspeed.checkpoint)."""
         return load_checkpoint(
-            self, super().load_checkpoint,
-            lambda: self.load_module_state_dict({"module": None}, strict=load_module_strict),
-            current_placement(self, **self._placement_now()), load_dir, tag,
+            self, super().load_checkpoint, current_placement(self, **self._placement_now()), load_dir, tag,
             load_module_strict=load_module_strict, load_optimizer_states=load_optimizer_states,
             load_lr_scheduler_states=load_lr_scheduler_states, load_module_only=load_module_only,
             custom_load_fn=custom_load_fn,

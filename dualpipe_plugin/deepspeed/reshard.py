@@ -85,12 +85,15 @@ def optimizer_names(engine) -> list[list[str]]:
     return [[names.to_global(engine.param_names[p]) for p in group] for group in groups]
 
 
-def read_torch_state(directory: str, saved: Placement, wanted: set[str], *, moe: bool) -> NamedState:
-    """Torch optimizer state of ``wanted`` from the saving ranks' state dicts (see the module docstring)."""
+def read_torch_state(directory: str, saved: Placement, wanted: set[str]) -> NamedState:
+    """Torch optimizer state of ``wanted`` from the saving ranks' state dicts (see the module docstring).
+
+    A saving rank with MoE layers wrote its state per expert-parallel rank (``expp_rank_E_mp_rank_XX``, by
+    the first rank of each expert-data-parallel group); one without, in its ``mp_rank_XX`` file."""
     state = NamedState()
     for rank in _saved_holders(saved, wanted):
-        if moe:
-            records = [r for r in saved.ranks if r["pipeline_rank"] == rank and r["experts"]
+        if saved.rank(pipeline_rank=rank, dp_rank=0)["moe_layers"]:
+            records = [r for r in saved.ranks if r["pipeline_rank"] == rank
                        and all(ep_dp == 0 for _, ep_dp in r["experts"].values())]
             sources = [(os.path.join(directory, f"expp_rank_{next(iter(r['experts'].values()))[0]}_mp_rank_"
                                                 f"{rank:02d}_optim_states.pt"), r) for r in records]

@@ -242,8 +242,8 @@ class Case:
     """DeepSpeed's ``"torch_autocast": {"enabled": true, "dtype": "bfloat16"}`` (fp32 parameters)."""
     frozen: tuple[str, ...] = ()
     """Global parameter names set to ``requires_grad=False`` between building the module and initialize."""
-    moe: bool = False
-    """Every other dense layer (the odd ones) is a MoEDense (DeepSpeed MoE, 4 experts, ep_size below)."""
+    moe: tuple[int, ...] = ()
+    """Indices of the dense layers that are MoEDense instead (DeepSpeed MoE, 4 experts, ep_size below)."""
     ep_size: int = 2
     client: str = ""
     """What the script passes to ``deepspeed.initialize`` besides the model (:func:`client_optimizer`):
@@ -287,8 +287,8 @@ def layer_specs(case: Case) -> list:
     layer = StagedDenseTanh if case.staged else DenseTanh
     dense = [LayerSpec(layer, case.width, seed=case.seed * 1000 + i + 1) for i in range(case.num_layers)]
     if case.moe:
-        dense = [LayerSpec(MoEDense, case.width, seed=case.seed * 1000 + i + 1, ep_size=case.ep_size) if i % 2 else spec
-                 for i, spec in enumerate(dense)]
+        dense = [LayerSpec(MoEDense, case.width, seed=case.seed * 1000 + i + 1, ep_size=case.ep_size) if i in case.moe
+                 else spec for i, spec in enumerate(dense)]
     if not case.tied:
         return dense
     tied_seed = case.seed * 1000

@@ -163,9 +163,11 @@ def test_zero1_dp2_resume_across_schedules_and_sizes() -> None:
 def test_moe_resume_across_schedules() -> None:
     """DeepSpeed MoE layers (deepspeed.moe.layer.MoE, 4 experts, EP=2 over the data-parallel ranks), P=2 x DP=2:
     expert files (named by local MoE index and pipeline rank) and expert optimizer state follow the experts
-    by global layer and expert id. Then a MoE checkpoint DeepSpeed wrote without the plugin: refused in full,
-    weights-only under dualpipev works."""
-    base = Case(num_stages=2, dp=2, optimizer="adam", lr=0.01, moe=True)
+    by global layer and expert id. The MoE layers are the middle four: both of TrainSchedule's stages hold
+    some, dualpipev's rank 0 (first and last stage) none - it must still join the expert groups' creation,
+    and its dense-only files mix with the MoE ranks' in one checkpoint. Then a MoE checkpoint DeepSpeed wrote
+    without the plugin: refused in full, weights-only under dualpipev works."""
+    base = Case(num_stages=2, dp=2, optimizer="adam", lr=0.01, moe=(2, 3, 4, 5))
     stock = replace(base, plugin=False)
     legs = _journey(base) + [
         Leg(stock, steps=(0,), save="stock"),

@@ -6,7 +6,8 @@ with ``--moe`` every other block's MLP is ``deepspeed.moe.layer.MoE`` over exper
 then its own optimizer before ``deepspeed.initialize``: AdamW with two parameter groups (no weight decay on
 biases, norms and embeddings) and a warm-up LambdaLR bound to it. ZeRO, bf16, clipping and the schedule
 come from the JSON config. It can resume from a checkpoint (``--load``; the step comes back in the client
-state) and save one (``--save``); ``--dump DIR`` writes each rank's parameters (fp32, by name) for the test.
+state) and save one (``--save``); ``--dump DIR`` / ``--dump-loaded DIR`` write each rank's weights and
+optimizer state by name, at the end / right after loading, for the test.
 
     deepspeed --num_gpus 4 tests/deepspeed/user_script.py --deepspeed_config ds.json --steps 4 --save ckpt
     (on CPU: DS_ACCELERATOR=cpu; launch/deepspeed_local.sh does it with DUALPIPE_CPU=1)
@@ -90,7 +91,8 @@ def parse_args(argv=None):
     parser.add_argument("--save-tag", default=None)
     parser.add_argument("--load", default=None)
     parser.add_argument("--load-tag", default=None)
-    parser.add_argument("--dump", default=None)
+    parser.add_argument("--dump", default=None, help="write each rank's weights and optimizer state at the end")
+    parser.add_argument("--dump-loaded", default=None, help="the same, right after load_checkpoint")
     parser.add_argument("--no-plugin", action="store_true", help="plain DeepSpeed (its own engine)")
     parser.add_argument("--cpu", action="store_true", help="accepted from launch/deepspeed_local.sh (DS_ACCELERATOR=cpu)")
     return parser.parse_args(argv)
@@ -110,8 +112,13 @@ def train(args) -> None:
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         (no_decay if param.ndim < 2 or "norm" in name or "embed" in name else decay).append(param)
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=3e-3, betas=(0.9, 0.95))
+    groups = [{"name": "decay", "params": decay, "weight_decay": 0.1},
+              {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
+    if args.moe:  # DeepSpeed's rule: expert parameters in groups of their own, marked "moe"
+        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+        groups = split_params_into_different_moe_groups_for_optimizer(groups)
+    optimizer = torch.optim.AdamW(groups, lr=3e-3, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 3))
     with open(args.deepspeed_config) as handle:
         config = json.load(handle)
@@ -121,6 +128,8 @@ def train(args) -> None:
     if args.load:
         _, client_state = engine.load_checkpoint(args.load, tag=args.load_tag)
         start = client_state["step"]
+        if args.dump_loaded:
+            dump(engine, args.dump_loaded)
     dp_id = engine.grid.get_data_parallel_id()
     for step in range(start, args.steps):
         data = batches(step, dp_id, engine.gradient_accumulation_steps(), engine.train_micro_batch_size_per_gpu())
@@ -130,10 +139,24 @@ def train(args) -> None:
     if args.save:
         engine.save_checkpoint(args.save, tag=args.save_tag, client_state={"step": args.steps})
     if args.dump:
-        os.makedirs(args.dump, exist_ok=True)
-        params = {name: p.detach().float().clone() for name, p in engine.module.named_parameters()}
-        torch.save({"dp_id": dp_id, "params": params}, os.path.join(args.dump, f"rank{engine.global_rank}.pt"))
+        dump(engine, args.dump)
     torch.distributed.barrier()
+
+
+def dump(engine, directory: str) -> None:
+    """This rank's weights, fp32 master weights and Adam moments by parameter name (DeepSpeed's accessors)."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    relink = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
+    if relink is not None:  # DeepSpeed 0.19.8's ZeRO-1/2 links these views once, after the FIRST group's first
+        engine.optimizer._hp_optimizer_states_linked = False  # step, so a second group's stay empty: link again
+        relink()
+    state = {"dp_id": engine.grid.get_data_parallel_id()}
+    for name, param in engine.module.named_parameters():
+        state[name] = {"weight": param.detach().float().clone(), "fp32": safe_get_full_fp32_param(param).clone(),
+                       **{key: safe_get_full_optimizer_state(param, key).clone() for key in ("exp_avg", "exp_avg_sq")}}
+    os.makedirs(directory, exist_ok=True)
+    torch.save(state, os.path.join(directory, f"rank{engine.global_rank}.pt"))
 
 
 def main(argv=None) -> int:
