@@ -63,8 +63,8 @@ from dualpipe_plugin.deepspeed.forward import (
     refuse_compile,
 )
 from dualpipe_plugin.deepspeed.layout import ModuleLayout, partition_method_of, place_layers
-from dualpipe_plugin.deepspeed.moe_groups import create_expert_groups
-from dualpipe_plugin.deepspeed.optimizer import record_parameters
+from dualpipe_plugin.deepspeed.moe_groups import create_expert_groups, replicas_agree_on_norm
+from dualpipe_plugin.deepspeed.optimizer import check_group_counts, record_parameters
 from dualpipe_plugin.runtime.executor import PipelineExecutor
 from dualpipe_plugin.runtime.mirror import sync_mirrored_grads
 from dualpipe_plugin.runtime.options import PipelineOptions
@@ -310,6 +310,7 @@ class DualPipeEngine(PipelineEngine):
         super().__init__(has_bool_tensors, **arguments)
         self._dualpipe = self._build_plan(options, placement, layout)
         check_forward_features(self, schedule=options.schedule.name, staged=self._dualpipe.staged)
+        check_group_counts(self, options.schedule.name)
 
     # -- initialisation helpers ------------------------------------------------------------------
     @staticmethod
@@ -515,7 +516,7 @@ class DualPipeEngine(PipelineEngine):
         ]
         total = torch.stack(counted).pow(2.0).sum().float() if counted else torch.zeros((), device=params[0].device)
         dist.all_reduce(total, group=self.grid.get_model_parallel_group())
-        total = total.pow(0.5)
+        total = replicas_agree_on_norm(total.pow(0.5))
         coefficient = torch.clamp(self.gradient_clipping() / (total + 1e-6), max=1.0)
         for p in params:
             p.grad.mul_(coefficient.to(p.grad.dtype))

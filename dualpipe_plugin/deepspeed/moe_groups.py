@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["create_expert_groups"]
+__all__ = ["create_expert_groups", "replicas_agree_on_norm"]
 
 
 def create_expert_groups(module, *, use_data_before_expert_parallel: bool) -> None:
@@ -41,3 +41,17 @@ def create_expert_groups(module, *, use_data_before_expert_parallel: bool) -> No
         else:
             groups._create_expert_data_and_model_parallel(
                 ep_size, mpu=groups.mpu, use_data_before_expert_parallel_=use_data_before_expert_parallel)
+
+
+def replicas_agree_on_norm(norm: torch.Tensor) -> torch.Tensor:
+    """A gradient norm every data-parallel replica agrees on: with DeepSpeed MoE layers each replica holds
+    other experts, so their norms differ; DeepSpeed's own clipping (``runtime.utils.clip_grad_norm_``)
+    averages them over the data-parallel group, and so does this. Without MoE layers: ``norm`` itself."""
+    from deepspeed.utils import groups
+
+    if not groups._get_expert_parallel_group_dict():
+        return norm
+    group = groups._get_data_parallel_group()
+    averaged = norm / torch.distributed.get_world_size(group=group)
+    torch.distributed.all_reduce(averaged, group=group)
+    return averaged

@@ -42,7 +42,7 @@ import torch
 
 from dualpipe_plugin.deepspeed.config import DeepSpeedPipelineConfigError
 
-__all__ = ["FollowedParameters", "record_parameters"]
+__all__ = ["FollowedParameters", "check_group_counts", "record_parameters"]
 
 _NOT_OPTIONS = ("params", "param_names")
 
@@ -323,3 +323,36 @@ def record_parameters(model, arguments: dict, schedule: str) -> FollowedParamete
     torch.distributed.all_gather_object(records, mine, group=grid.get_pipe_parallel_group())
     found = _check_records(records, source, schedule)
     return FollowedParameters(source, found, mine, schedule)
+
+
+def check_group_counts(engine, schedule: str) -> None:
+    """After ``initialize``: refuse a ZeRO optimizer whose pipeline ranks have different numbers of groups.
+
+    DeepSpeed's ZeRO-1/2 optimizer computes the gradient norm group by group, each with a collective over
+    the pipeline (its model-parallel group), so every rank of a pipeline must have as many groups. A
+    placement can break that where DeepSpeed's partition did not - DeepSpeed MoE expert groups exist only on
+    ranks holding MoE layers, a layer-wise group splits on the rank that holds layers of two stages - and
+    the first step would hang. Raised on every rank (one ``all_gather_object``)."""
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    zero = isinstance(engine.optimizer, DeepSpeedZeroOptimizer)
+    mine = (engine.grid.get_data_parallel_id(), engine.stage_id, len(engine.optimizer.bit16_groups) if zero else 0)
+    gathered: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, (zero, mine))
+    if not any(flag for flag, _ in gathered):
+        return
+    counts: dict[int, dict[int, int]] = {}
+    for _, (dp_id, stage, count) in gathered:
+        counts.setdefault(dp_id, {})[stage] = count
+    for per_stage in counts.values():
+        if len(set(per_stage.values())) > 1:
+            shown = ", ".join(f"rank {stage}: {count}" for stage, count in sorted(per_stage.items()))
+            raise DeepSpeedPipelineConfigError(
+                f"pipeline.schedule={schedule!r} gives the pipeline ranks different numbers of optimizer parameter "
+                f"groups ({shown}; e.g. DeepSpeed MoE expert groups exist only on ranks holding MoE layers, a "
+                f"layer-wise group splits on a rank holding layers of two stages), and DeepSpeed's ZeRO optimizer "
+                f"computes the gradient norm group by group with a collective over the pipeline: the first step "
+                f"would hang. Place the layers so every rank gets the same groups under this schedule (for MoE: "
+                f"MoE layers on every rank, e.g. partition_method=\"type:<block class>\"), or use ZeRO stage 0, or "
+                f"bf16 with \"data_types\": {{\"grad_accum_dtype\": \"fp32\"}} (DeepSpeed's BF16_Optimizer)"
+            )

@@ -1064,7 +1064,11 @@ def run_legs_rank(rank: int, world_size: int, legs: Sequence[Leg], directory: st
     deepspeed.init_distributed(dist_backend="gloo")
     out = []
     for leg in legs:
-        engine = _engine_for(leg.case)
+        try:
+            engine = _engine_for(leg.case)
+        except ValueError as error:  # refused at initialize (the test inspects it)
+            out.append({"engine": "", "error": (type(error).__name__, str(error), True), "at": "initialize"})
+            continue
         dp_id = engine.grid.get_data_parallel_id()
         report: dict[str, Any] = {"engine": f"{type(engine).__name__}:{getattr(engine, 'pipeline_schedule', '')}",
                                   "stage_id": engine.stage_id, "dp_id": dp_id, "error": None}

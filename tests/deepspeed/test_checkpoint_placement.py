@@ -173,11 +173,21 @@ def test_moe_resume_across_schedules() -> None:
         Leg(stock, steps=(0,), save="stock"),
         Leg(_ours(base, "dualpipev"), load="stock"),
         Leg(_ours(base, "dualpipev"), load="stock", module_only=True),
+        # fp32 clipping: the replicas hold other experts, so they must agree on one norm (DeepSpeed averages it)
+        Leg(_ours(base, "dualpipev", gradient_clipping=0.05), steps=(0, 1)),
+        # ZeRO-1 norms group by group over the pipeline: rank 0's missing MoE groups are refused, not a hang
+        Leg(_ours(base, "dualpipev", zero_stage=1)),
     ]
     per_rank = _run(legs, base.world_size)
     _assert_journey_exact(per_rank)
     for reports in per_rank:
         _error(reports[6], r"written by DeepSpeed without dualpipe_plugin.*load_module_only=True")
         assert reports[7]["error"] is None
+        kind, message, _ = reports[9]["error"]
+        assert kind == "DeepSpeedPipelineConfigError" and re.search(
+            r"different numbers of optimizer parameter groups \(rank 0: 1, rank 1: 2;.*first step would hang", message)
+    assert len({r[9]["error"] for r in per_rank}) == 1, "the same error on every rank"
     for dp_id in (0, 1):
         assert _equal(_merged(per_rank, 7, "loaded", dp_id), _merged(per_rank, 5, "params", dp_id)), dp_id
+    dense = [{n: v for n, v in _merged(per_rank, 8, "params", dp_id).items() if "experts" not in n} for dp_id in (0, 1)]
+    assert _equal(*dense), "the data-parallel replicas' dense weights stay identical under clipping"

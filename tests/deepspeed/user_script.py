@@ -71,7 +71,7 @@ def build_model(moe: bool):
     specs = [TiedLayerSpec("embed", TokenEmbedding, VOCAB, HIDDEN), LayerSpec(PositionEmbedding, SEQ, HIDDEN),
              *blocks, LayerSpec(nn.LayerNorm, HIDDEN),
              TiedLayerSpec("embed", TokenEmbedding, VOCAB, HIDDEN, forward_fn=lm_head)]
-    return PipelineModule(layers=specs, num_stages=2, loss_fn=lm_loss, partition_method="uniform")
+    return PipelineModule(layers=specs, num_stages=2, loss_fn=lm_loss, partition_method="type:Block")
 
 
 def batches(step: int, dp_id: int, micro_batches: int, micro_batch_size: int):
