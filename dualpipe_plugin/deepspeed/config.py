@@ -27,8 +27,8 @@ from dualpipe_plugin.runtime.options import PipelineOptions
 from dualpipe_plugin.schedules import Placement, ScheduleConfigError, get_schedule, schedule_names
 
 __all__ = [
-    "DEEPSPEED_SCHEDULE", "DeepSpeedPipelineConfigError", "check_engine_setup", "read_partition_method",
-    "read_pipeline_options",
+    "DEEPSPEED_SCHEDULE", "DeepSpeedPipelineConfigError", "check_engine_setup", "pipeline_section",
+    "read_partition_method", "read_pipeline_options",
 ]
 
 DEEPSPEED_SCHEDULE = "deepspeed"
@@ -48,6 +48,25 @@ def _valid_names() -> str:
 
 def _spell(field: str) -> str:
     return f"pipeline.{field}"
+
+
+def pipeline_section(arguments: dict) -> dict:
+    """The ``"pipeline"`` dict of the config an engine is being built with (its ``__init__`` keyword
+    arguments); builds ``arguments["config_class"]`` the way ``deepspeed.initialize`` does if it is missing."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from deepspeed.runtime.pipe.module import PipelineModule
+
+    config = arguments.get("config_class")
+    if config is None:
+        source = arguments.get("config")
+        args = arguments.get("args")
+        if source is None and args is not None:
+            source = getattr(args, "deepspeed_config", None)
+        model = arguments.get("model")
+        mpu = arguments.get("mpu") or (model.mpu() if isinstance(model, PipelineModule) else None)
+        config = DeepSpeedConfig(source, mpu)
+        arguments["config_class"] = config
+    return config.pipeline
 
 
 def read_pipeline_options(pipeline: Mapping[str, Any]) -> PipelineOptions | None:

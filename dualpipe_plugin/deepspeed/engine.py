@@ -48,13 +48,23 @@ from deepspeed.runtime.pipe.engine import PipelineEngine
 from deepspeed.runtime.pipe.module import PipelineModule
 from deepspeed.runtime.utils import is_model_parallel_parameter
 
+from dualpipe_plugin.deepspeed.checkpoint import current_placement, load_checkpoint, save_placement
 from dualpipe_plugin.deepspeed.config import (
     DeepSpeedPipelineConfigError,
     check_engine_setup,
+    pipeline_section,
     read_partition_method,
     read_pipeline_options,
 )
+from dualpipe_plugin.deepspeed.forward import (
+    check_forward_features,
+    check_forward_hooks,
+    forward_context,
+    refuse_compile,
+)
 from dualpipe_plugin.deepspeed.layout import ModuleLayout, partition_method_of, place_layers
+from dualpipe_plugin.deepspeed.moe_groups import create_expert_groups, replicas_agree_on_norm
+from dualpipe_plugin.deepspeed.optimizer import check_group_counts, record_parameters
 from dualpipe_plugin.runtime.executor import PipelineExecutor
 from dualpipe_plugin.runtime.mirror import sync_mirrored_grads
 from dualpipe_plugin.runtime.options import PipelineOptions
@@ -195,10 +205,11 @@ class _StepHooks:
 
     def forward(self, chunk: int, microbatch: int, inputs: tuple):
         module = self.plan.chunks[chunk]
-        if self.plan.staged:
-            outputs = module(*inputs)
-        else:
-            outputs = module(inputs[0] if len(inputs) == 1 else tuple(inputs))
+        with forward_context(self.engine):  # DeepSpeedEngine.forward's torch_autocast
+            if self.plan.staged:
+                outputs = module(*inputs)
+            else:
+                outputs = module(inputs[0] if len(inputs) == 1 else tuple(inputs))
         if not self.module.training:
             ds_checkpointing.reset()  # as DeepSpeed does between evaluation forwards
         if self.plan.placement.is_last(self.plan.rank, chunk):
@@ -264,7 +275,7 @@ class DualPipeEngine(PipelineEngine):
         bound = _ENGINE_SIGNATURE.bind(None, *super_args, **super_kwargs)
         arguments = dict(bound.arguments)
         arguments.pop("self")
-        section = self._pipeline_section(arguments)
+        section = pipeline_section(arguments)
         options = read_pipeline_options(section)
         if options is None:
             super().__init__(has_bool_tensors, *super_args, **super_kwargs)
@@ -288,34 +299,20 @@ class DualPipeEngine(PipelineEngine):
             partition_method is None and placement.num_chunks == 1
             and placement.num_stages == model.num_stages and placement.stage(model.stage_id, 0) == model.stage_id
         )
-        model_parameters = None
-        if not keeps_slices:
-            self._check_client_optimizer(arguments.get("optimizer"), options)
-            model_parameters = self._materialized(arguments.get("model_parameters"), list(model.parameters()), options)
+        # A pre-built optimizer, parameter groups and scheduler follow the rebuilt layers by global name.
+        followed = None if keeps_slices else record_parameters(model, arguments, options.schedule.name)
         method = None if keeps_slices else partition_method or partition_method_of(model)
-        layout = place_layers(model, placement, method)
-        if model_parameters is not None:
-            arguments["model_parameters"] = model_parameters(model)
+        layout = place_layers(model, placement, method, schedule=options.schedule.name)
+        if followed is not None:
+            arguments.update(followed.after_rebuild(model))
+        if not keeps_slices:  # a rank the placement leaves without MoE layers still joins their groups' creation
+            create_expert_groups(model, use_data_before_expert_parallel=config.use_data_before_expert_parallel_)
         super().__init__(has_bool_tensors, **arguments)
         self._dualpipe = self._build_plan(options, placement, layout)
+        check_forward_features(self, schedule=options.schedule.name, staged=self._dualpipe.staged)
+        check_group_counts(self, options.schedule.name)
 
     # -- initialisation helpers ------------------------------------------------------------------
-    @staticmethod
-    def _pipeline_section(arguments: dict) -> dict:
-        from deepspeed.runtime.config import DeepSpeedConfig
-
-        config = arguments.get("config_class")
-        if config is None:
-            source = arguments.get("config")
-            args = arguments.get("args")
-            if source is None and args is not None:
-                source = getattr(args, "deepspeed_config", None)
-            model = arguments.get("model")
-            mpu = arguments.get("mpu") or (model.mpu() if isinstance(model, PipelineModule) else None)
-            config = DeepSpeedConfig(source, mpu)
-            arguments["config_class"] = config
-        return config.pipeline
-
     @staticmethod
     def _check_model(model, options: PipelineOptions) -> None:
         if isinstance(model, DualPipeVModule):
@@ -328,40 +325,6 @@ class DualPipeEngine(PipelineEngine):
                 f"pipeline.schedule={options.schedule.name!r} needs a deepspeed.pipe.PipelineModule, got "
                 f"{type(model).__name__}"
             )
-
-    @staticmethod
-    def _check_client_optimizer(optimizer, options: PipelineOptions) -> None:
-        if isinstance(optimizer, torch.optim.Optimizer):
-            raise DeepSpeedPipelineConfigError(
-                f"pipeline.schedule={options.schedule.name!r} rebuilds this rank's layers inside "
-                f"deepspeed.initialize, so an optimizer built beforehand holds the wrong parameters; configure "
-                f"the optimizer in the config's \"optimizer\" section or pass a callable, e.g. "
-                f"optimizer=lambda params: torch.optim.AdamW(params, lr=1e-4)"
-            )
-
-    @staticmethod
-    def _materialized(model_parameters, old_params: list, options: PipelineOptions):
-        """None (DeepSpeed takes module.parameters()) or a function of the re-partitioned module."""
-        if model_parameters is None:
-            return None
-        given = list(model_parameters)
-        if any(isinstance(item, dict) for item in given):
-            raise DeepSpeedPipelineConfigError(
-                f"pipeline.schedule={options.schedule.name!r} places other layers on this rank than DeepSpeed's "
-                f"partition, so parameter groups built from the module cannot follow them; pass "
-                f"model_parameters as a flat list (e.g. [p for p in model.parameters() if p.requires_grad]) "
-                f"and set per-group options through the config, or leave out \"schedule\""
-            )
-        ids = {id(p) for p in given}
-        if ids == {id(p) for p in old_params}:
-            return lambda module: list(module.parameters())
-        if ids == {id(p) for p in old_params if p.requires_grad}:
-            return lambda module: [p for p in module.parameters() if p.requires_grad]
-        raise DeepSpeedPipelineConfigError(
-            f"pipeline.schedule={options.schedule.name!r} can only follow model_parameters that are all of the "
-            f"PipelineModule's parameters or all of its trainable ones (it rebuilds this rank's layers); "
-            f"freeze parameters with requires_grad=False instead of leaving them out"
-        )
 
     def _build_plan(self, options: PipelineOptions, placement: Placement, layout: ModuleLayout) -> _Plan:
         rank = self.stage_id
@@ -426,6 +389,7 @@ class DualPipeEngine(PipelineEngine):
 
     def _step(self, num_microbatches: int, *, train: bool, what: str) -> _Step:
         plan = self._dualpipe
+        check_forward_hooks(self, staged=plan.staged)
         try:
             plan.executor.schedule_for(num_microbatches)
         except ScheduleConfigError as error:
@@ -496,6 +460,11 @@ class DualPipeEngine(PipelineEngine):
         additional = {m: OrderedDict(extra) for m, (_, extra) in gathered.items() if extra is not None}
         return values, additional
 
+    def compile(self, *args, **kwargs):
+        if self._dualpipe is not None:
+            refuse_compile(self._dualpipe.options.schedule.name)
+        return super().compile(*args, **kwargs)
+
     # -- roles: which rank loads data and reports the loss ----------------------------------------
     def is_first_stage(self):
         if self._dualpipe is None:
@@ -547,12 +516,39 @@ class DualPipeEngine(PipelineEngine):
         ]
         total = torch.stack(counted).pow(2.0).sum().float() if counted else torch.zeros((), device=params[0].device)
         dist.all_reduce(total, group=self.grid.get_model_parallel_group())
-        total = total.pow(0.5)
+        total = replicas_agree_on_norm(total.pow(0.5))
         coefficient = torch.clamp(self.gradient_clipping() / (total + 1e-6), max=1.0)
         for p in params:
             p.grad.mul_(coefficient.to(p.grad.dtype))
 
     # -- checkpoints ---------------------------------------------------------------------------------
+    def _placement_now(self) -> dict:
+        """The schedule, layer bounds and stages per rank this engine runs (TrainSchedule's without one)."""
+        plan = self._dualpipe
+        if plan is None:
+            return dict(schedule="deepspeed", parts=[int(b) for b in self.module.parts],
+                        stages=[[rank] for rank in range(self.num_stages)])
+        placement = plan.placement
+        return dict(schedule=plan.options.schedule.name, parts=list(plan.layout.parts),
+                    stages=[[placement.stage(r, c) for c in range(placement.num_chunks)]
+                            for r in range(placement.num_ranks)])
+
+    def save_checkpoint(self, save_dir, tag=None, client_state={}, save_latest=True, exclude_frozen_parameters=False):
+        """DeepSpeed's checkpoint, after the placement record (dualpipe_plugin.deepspeed.checkpoint)."""
+        save_placement(self, save_dir, tag, **self._placement_now())
+        return super().save_checkpoint(save_dir, tag, client_state, save_latest, exclude_frozen_parameters)
+
+    def load_checkpoint(self, load_dir, tag=None, load_module_strict=True, load_optimizer_states=True,
+                        load_lr_scheduler_states=True, load_module_only=False, custom_load_fn=None):
+        """DeepSpeed's loader for a checkpoint of this placement; by global name (or one clear refusal on
+        every rank) for another schedule, P or DP (dualpipe_plugin.deepspeed.checkpoint)."""
+        return load_checkpoint(
+            self, super().load_checkpoint, current_placement(self, **self._placement_now()), load_dir, tag,
+            load_module_strict=load_module_strict, load_optimizer_states=load_optimizer_states,
+            load_lr_scheduler_states=load_lr_scheduler_states, load_module_only=load_module_only,
+            custom_load_fn=custom_load_fn,
+        )
+
     def _saved_chunks(self) -> list[int]:
         """Chunks whose layers this rank writes: all, except dualpipe's mirrored copies (written by their owner)."""
         plan = self._dualpipe

@@ -14,7 +14,9 @@ stages (rank r holds stages r and 2P-1-r), dualpipe into P stages held twice (ra
 3. the initial weights: every layer is copied from the rank that built it in DeepSpeed's own P-stage
    build (a tied module from its first holder, whose copy DeepSpeed already broadcast), so the model
    starts exactly where DeepSpeed's TrainSchedule would, whatever the layers' initialisation does
-   with the random state (which is saved and restored around the rebuild);
+   with the random state (which is saved and restored around the rebuild); frozen flags and dtypes a
+   script set on the built layers are carried too, and a layer changed beyond that (a replaced
+   submodule) is refused (:mod:`~dualpipe_plugin.deepspeed.layer_record`);
 4. tied weights: DeepSpeed's ``tied_comms`` recomputed for the new placement (one group per pipeline over
    the pipeline ranks that hold the key; ``ds_pipe_replicated`` on every copy but the first), so
    ``_exec_reduce_tied_grads`` and ``_synchronize_tied_weights`` work unchanged;
@@ -35,6 +37,7 @@ import torch
 from torch import nn
 
 from dualpipe_plugin.deepspeed.config import DeepSpeedPipelineConfigError
+from dualpipe_plugin.deepspeed.layer_record import carry_over, describe_layers, exchange_records
 from dualpipe_plugin.schedules import Placement
 
 __all__ = ["ChunkLayout", "ModuleLayout", "place_layers", "partition_method_of"]
@@ -273,8 +276,11 @@ def _tied_comms(module, holders_of_key: dict[str, list[int]]) -> dict:
     return comms
 
 
-def place_layers(module, placement: Placement, method: str | None) -> ModuleLayout:
-    """Re-partition ``module`` in place for ``placement`` (see the module docstring); returns its layout."""
+def place_layers(module, placement: Placement, method: str | None, *, schedule: str = "the schedule") -> ModuleLayout:
+    """Re-partition ``module`` in place for ``placement`` (see the module docstring); returns its layout.
+
+    A rebuilt layer keeps the built one's frozen flags and dtypes; one changed after the PipelineModule was
+    built (replaced submodules) is refused (:mod:`~dualpipe_plugin.deepspeed.layer_record`)."""
     from deepspeed.accelerator import get_accelerator
     from deepspeed.pipe import TiedLayerSpec
 
@@ -306,8 +312,10 @@ def place_layers(module, placement: Placement, method: str | None) -> ModuleLayo
     if keeps_deepspeed_slices and parts == old_parts:
         chunks = [_current_chunk(module)]
     else:
+        built = exchange_records(module, describe_layers(module))
         chunks, old_layers, old_tied = _rebuild(module, stages, parts)
         module.to(get_accelerator().device_name(module.local_rank))
+        carry_over(module, built, schedule)
         holders = {
             layer: sorted({r for r in range(placement.num_ranks) for c in range(num_chunks)
                            if parts[placement.stage(r, c)] <= layer < parts[placement.stage(r, c) + 1]})

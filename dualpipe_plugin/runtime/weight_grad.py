@@ -106,34 +106,52 @@ def accumulate_weight_grads(grads: list[tuple[torch.Tensor, torch.Tensor]]) -> N
         torch.autograd.backward(list(params), list(values))
 
 
+def _autocast(x: torch.Tensor, tensors: tuple) -> tuple:
+    """``tensors`` as ``torch.autocast`` hands them to a linear: floating ones (not float64) in the autocast
+    dtype of ``x``'s device while autocast is on there, otherwise unchanged."""
+    device = x.device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(
+        t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t for t in tensors
+    )
+
+
 class _SplitLinear(torch.autograd.Function):
     """``F.linear`` whose weight/bias gradients go through a :class:`WeightGradStore`.
 
     The parameters are passed inside a tuple, so autograd draws no edge to their ``AccumulateGrad``:
     an ``I`` must not touch them at all (hooks would fire with no gradient). Their gradients reach
     autograd later through :func:`accumulate_weight_grads`, at once for a full backward or in the ``W`` op.
+
+    Under ``torch.autocast`` the inputs are cast as autocast casts a linear's (once, in forward) and the
+    backward runs in that dtype, each gradient then cast back to its tensor's dtype, as autograd's
+    ``ToCopyBackward`` does for the autocast casts.
     """
 
     @staticmethod
     def forward(ctx, x, anchor, params, store):
         weight, bias = params
-        ctx.save_for_backward(x)
-        ctx.params, ctx.store = params, store
-        return F.linear(x, weight, bias)
+        x_cast, weight_cast, bias_cast = _autocast(x, (x, weight, bias))
+        ctx.save_for_backward(x_cast)
+        ctx.params, ctx.cast_params, ctx.store = params, (weight_cast, bias_cast), store
+        return F.linear(x_cast, weight_cast, bias_cast)
 
     @staticmethod
     def backward(ctx, grad_out):
         (x,) = ctx.saved_tensors
         weight, bias = ctx.params
-        grad_x = grad_out.matmul(weight.detach()) if ctx.needs_input_grad[0] else None
+        weight_cast, _ = ctx.cast_params
+        grad_x = grad_out.matmul(weight_cast.detach()) if ctx.needs_input_grad[0] else None
 
         def weight_grads() -> list[tuple[torch.Tensor, torch.Tensor]]:
             flat_grad = grad_out.reshape(-1, grad_out.shape[-1])
             grads = []
             if weight.requires_grad:
-                grads.append((weight, flat_grad.t().mm(x.reshape(-1, x.shape[-1]))))
+                grads.append((weight, flat_grad.t().mm(x.reshape(-1, x.shape[-1])).to(weight.dtype)))
             if bias is not None and bias.requires_grad:
-                grads.append((bias, flat_grad.sum(0)))
+                grads.append((bias, flat_grad.sum(0).to(bias.dtype)))
             return grads
 
         computed = ctx.store.defer(weight_grads)

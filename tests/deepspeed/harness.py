@@ -66,12 +66,18 @@ __all__ = [
     "run_deepspeed_rank",
     "run_deepspeed_cases",
     "initialize_pipeline_engine",
+    "client_optimizer",
     "merge_rank_params",
     "launch_case",
     "assert_bit_exact",
     "reference_run",
     "params_max_diff",
     "run_checkpoint_rank",
+    "run_optimizer_refusal_rank",
+    "run_forward_refusal_rank",
+    "Leg",
+    "run_legs_rank",
+    "MoEDense",
 ]
 
 TIED_KEY = "proj"
@@ -97,7 +103,9 @@ class DenseTanh(nn.Module):
         _seeded_uniform_(self.linear.bias, 2 * seed + 1, bound)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.linear(x))
+        y = self.linear(x)
+        self.matmul_dtype = y.dtype  # what the last forward's matmul ran in (torch_autocast tests)
+        return torch.tanh(y)
 
 
 class StagedDenseTanh(DenseTanh):
@@ -113,6 +121,50 @@ class StagedDenseTanh(DenseTanh):
         return [ComputeStage("dense", self.forward)]
 
 
+class _Expert(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.fc = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.fc(x))
+
+
+class MoEDense(nn.Module):
+    """``x + MoE(x)``: DeepSpeed's own ``deepspeed.moe.layer.MoE`` (top-1 gate, no random token selection,
+    capacity for every token, so the math does not depend on the order micro-batches run in), with
+    ``num_experts`` experts over expert-parallel groups of ``ep_size`` data-parallel ranks.
+
+    Every expert starts from values of its own (:func:`seed_experts`), so a loader that puts an expert's
+    weights on another expert is caught."""
+
+    def __init__(self, width: int, seed: int, num_experts: int = 4, ep_size: int = 2):
+        super().__init__()
+        from deepspeed.moe.layer import MoE
+
+        self.seed = seed
+        self.moe = MoE(width, _Expert(width), num_experts=num_experts, ep_size=ep_size, k=1, use_rts=False,
+                       capacity_factor=float(num_experts), min_capacity=0)
+        _seeded_uniform_(self.moe.deepspeed_moe.gate.wg.weight, 2 * seed, 1.0 / width**0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _, _ = self.moe(x)
+        return x + out
+
+
+def seed_experts(model, case: "Case") -> None:
+    """Give every expert of the built PipelineModule values seeded by (layer seed, GLOBAL expert id); the
+    expert-parallel rank is the data-parallel index modulo ep_size, as DeepSpeed forms its groups."""
+    ep_rank = model._grid.get_data_parallel_id() % case.ep_size
+    for layer in model.modules():
+        if isinstance(layer, MoEDense):
+            experts = layer.moe.deepspeed_moe.experts.deepspeed_experts
+            for local, expert in enumerate(experts):
+                global_id = ep_rank * len(experts) + local
+                _seeded_uniform_(expert.fc.weight, 1000 * layer.seed + 2 * global_id, 0.2)
+                _seeded_uniform_(expert.fc.bias, 1000 * layer.seed + 2 * global_id + 1, 0.2)
+
+
 class TiedProjection(nn.Module):
     """A square projection without bias, used as ``x @ W.T`` at the input and ``x @ W`` at the output."""
 
@@ -123,6 +175,19 @@ class TiedProjection(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight)
+
+
+class LowRankAdapted(nn.Module):
+    """A LoRA-style wrapper a script injects into a built layer: ``linear(x) + up(down(x))``."""
+
+    def __init__(self, linear: nn.Linear, rank: int):
+        super().__init__()
+        self.linear = linear
+        self.down = nn.Linear(linear.in_features, rank, bias=False)
+        self.up = nn.Linear(rank, linear.out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) + self.up(self.down(x))
 
 
 def tied_output_fn(module: TiedProjection, x: torch.Tensor) -> torch.Tensor:
@@ -173,6 +238,19 @@ class Case:
     plugin: bool = False
     """``import dualpipe_plugin.deepspeed`` in the rank before building the model (our engine; the schedule
     comes from ``pipeline={"schedule": ...}``)."""
+    autocast: bool = False
+    """DeepSpeed's ``"torch_autocast": {"enabled": true, "dtype": "bfloat16"}`` (fp32 parameters)."""
+    frozen: tuple[str, ...] = ()
+    """Global parameter names set to ``requires_grad=False`` between building the module and initialize."""
+    moe: tuple[int, ...] = ()
+    """Indices of the dense layers that are MoEDense instead (DeepSpeed MoE, 4 experts, ep_size below)."""
+    ep_size: int = 2
+    client: str = ""
+    """What the script passes to ``deepspeed.initialize`` besides the model (:func:`client_optimizer`):
+    "" (model_parameters; the config's optimizer), "adamw" (a pre-built AdamW over two groups and a
+    LambdaLR bound to it), "layerwise" (the same with the decay group's lr scaled by the building rank's
+    stage), "groups" (the two groups as model_parameters; the config's AdamW and WarmupDecayLR),
+    "callable" (the two groups, an optimizer callable and a scheduler callable)."""
 
     @property
     def world_size(self) -> int:
@@ -208,6 +286,9 @@ def layer_specs(case: Case) -> list:
 
     layer = StagedDenseTanh if case.staged else DenseTanh
     dense = [LayerSpec(layer, case.width, seed=case.seed * 1000 + i + 1) for i in range(case.num_layers)]
+    if case.moe:
+        dense = [LayerSpec(MoEDense, case.width, seed=case.seed * 1000 + i + 1, ep_size=case.ep_size) if i in case.moe
+                 else spec for i, spec in enumerate(dense)]
     if not case.tied:
         return dense
     tied_seed = case.seed * 1000
@@ -222,7 +303,7 @@ def build_pipeline_module(case: Case, **kwargs):
     """A ``PipelineModule`` over ``layer_specs(case)``; needs an initialised process group."""
     from deepspeed.pipe import PipelineModule
 
-    return PipelineModule(
+    module = PipelineModule(
         layers=layer_specs(case),
         num_stages=case.num_stages,
         loss_fn=mse_loss,
@@ -230,6 +311,9 @@ def build_pipeline_module(case: Case, **kwargs):
         activation_checkpoint_interval=case.activation_checkpoint_interval,
         **kwargs,
     )
+    if case.moe:
+        seed_experts(module, case)
+    return module
 
 
 def _spec_param_counts(case: Case) -> list[int]:
@@ -263,17 +347,24 @@ def ds_config(case: Case) -> dict[str, Any]:
         optimizer = {"type": "Adam", "params": {"lr": case.lr, "torch_adam": True, "adam_w_mode": False}}
     else:
         raise ValueError(f"optimizer must be 'sgd' or 'adam', got {case.optimizer!r}")
-    config: dict[str, Any] = {
+    if case.client in ("groups",):
+        optimizer = {"type": "AdamW", "params": {"lr": case.lr, "torch_adam": True}}
+    config: dict[str, Any] = {} if case.client in ("adamw", "layerwise", "callable") else {"optimizer": optimizer}
+    if case.client == "groups":
+        config["scheduler"] = {"type": "WarmupDecayLR", "params": {
+            "warmup_min_lr": 0.0, "warmup_max_lr": case.lr, "warmup_num_steps": 2, "total_num_steps": 10}}
+    config.update({
         "train_micro_batch_size_per_gpu": case.micro_batch_size,
         "gradient_accumulation_steps": case.micro_batches,
         "train_batch_size": case.micro_batch_size * case.micro_batches * case.dp,
-        "optimizer": optimizer,
         "zero_optimization": {"stage": case.zero_stage},
         "bf16": {"enabled": case.bf16},
         "gradient_clipping": case.gradient_clipping,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
-    }
+    })
+    if case.autocast:
+        config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     if case.bf16_fp32_accumulation:
         config["data_types"] = {"grad_accum_dtype": "fp32"}
     if case.zero_stage > 0:
@@ -364,12 +455,48 @@ def run_deepspeed_cases(rank: int, world_size: int, cases: Sequence[Case],
     return results
 
 
+def _warmup(step: int) -> float:
+    return min(1.0, (step + 1) / 2)
+
+
+def client_optimizer(case: Case, model) -> dict[str, Any]:
+    """The ``deepspeed.initialize`` arguments a DeepSpeed script passes besides model and config (see
+    ``Case.client``): two parameter groups (weight decay on matrices, none on biases), as a pre-built torch
+    AdamW with a LambdaLR warm-up bound to it, as ``model_parameters`` for the config's optimizer, or with
+    an optimizer callable and a scheduler callable.
+
+    ``"layerwise"`` scales the decay group's lr by the building rank's stage (1x, 2x, ...): a layer keeps
+    the lr of the stage DeepSpeed's own partition puts it on, wherever a schedule moves it.
+    """
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    scale = 1 + model.stage_id if case.client == "layerwise" else 1
+    groups = [{"params": decay, "weight_decay": 0.1, "lr": case.lr * scale}, {"params": no_decay, "weight_decay": 0.0}]
+    if case.client == "groups":
+        return {"model_parameters": groups}
+    if case.client == "callable":
+        return {"model_parameters": groups,
+                "optimizer": partial(torch.optim.AdamW, lr=case.lr, foreach=False),
+                "lr_scheduler": partial(torch.optim.lr_scheduler.LambdaLR, lr_lambda=_warmup)}
+    optimizer = torch.optim.AdamW(groups, lr=case.lr, foreach=False)
+    return {"optimizer": optimizer, "lr_scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup)}
+
+
 def _run_case(rank: int, case: Case, engine_factory: Callable | None) -> RankResult:
     import deepspeed
 
     model = build_pipeline_module(case)
+    for name, param in model.named_parameters():
+        if name in case.frozen:
+            param.requires_grad_(False)
     config = ds_config(case)
-    if engine_factory is None:
+    if case.client:
+        arguments = client_optimizer(case, model)
+        engine, _, _, scheduler = deepspeed.initialize(model=model, config=config, **arguments)
+        if isinstance(arguments.get("optimizer"), torch.optim.Optimizer):  # the script's objects, followed
+            assert scheduler is arguments["lr_scheduler"] and engine.basic_optimizer is arguments["optimizer"]
+        assert scheduler is not None
+    elif engine_factory is None:
         engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=config
         )
@@ -386,6 +513,9 @@ def _run_case(rank: int, case: Case, engine_factory: Callable | None) -> RankRes
     if case.eval_after:
         eval_loss = float(engine.eval_batch(data_iter(case, case.steps, dp_id, split="eval")).item())
     extras = dict(getattr(engine, "harness_extras", {}))
+    extras["group_lrs"] = [group["lr"] for group in engine.optimizer.param_groups]
+    extras["matmul_dtypes"] = sorted({str(m.matmul_dtype) for m in engine.module.modules() if hasattr(m, "matmul_dtype")})
+    extras["frozen"] = sorted(name for name, p in engine.module.named_parameters() if not p.requires_grad)
     name = type(engine).__name__
     if hasattr(engine, "pipeline_schedule"):
         name += f":{engine.pipeline_schedule}"
@@ -728,17 +858,14 @@ def run_bad_input_rank(rank: int, world_size: int) -> dict[str, tuple | None]:
 
     errors["tensor_parallel_partitioned"] = _initialize_error(tensor_parallel)
 
-    def param_groups():
-        model = build_pipeline_module(base)
-        return init(base, model=model, model_parameters=[{"params": list(model.parameters()), "lr": 0.1}])
+    def dualpipev_module(schedule: str):
+        from deepspeed.runtime.pipe.dualpipev import DualPipeVModule
 
-    errors["param_groups"] = _initialize_error(param_groups)
+        model = DualPipeVModule(layers=layer_specs(base), num_stages=2, loss_fn=mse_loss, partition_method="uniform")
+        return init(with_schedule(schedule), model=model)
 
-    def client_optimizer():
-        model = build_pipeline_module(base)
-        return init(base, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
-
-    errors["client_optimizer"] = _initialize_error(client_optimizer)
+    errors["dualpipev_module"] = _initialize_error(lambda: dualpipev_module("dualpipev"))
+    errors["dualpipev_module_deepspeed"] = type(dualpipev_module("deepspeed")[0]).__name__
     errors["has_bool_tensors"] = _initialize_error(
         lambda: initialize_pipeline_engine(partial(DualPipeEngine, True), build_pipeline_module(base), ds_config(base)))
 
@@ -782,4 +909,190 @@ def run_config_file_rank(rank: int, world_size: int, paths: Sequence[str]) -> di
             "optimizer": type(engine.optimizer).__name__,
             "params_finite": all(torch.isfinite(p).all().item() for p in engine.module.parameters()),
         }
+    return out
+
+
+def run_optimizer_refusal_rank(rank: int, world_size: int) -> dict[str, tuple | None]:
+    """Pre-built optimizers that cannot follow dualpipev's rebuilt layers, each through ``deepspeed.initialize``
+    on 2 ranks; returns name -> (error type, message, is ValueError) on this rank."""
+    skip_shm_comm_build()
+    import deepspeed
+    import dualpipe_plugin.deepspeed  # noqa: F401
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    case = Case(num_stages=2, plugin=True, pipeline={"schedule": "dualpipev"}, client="adamw")
+
+    def init(model, optimizer, **kwargs):
+        return deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config(case), **kwargs)
+
+    def stepped():
+        model = build_pipeline_module(case)
+        optimizer = client_optimizer(case, model)["optimizer"]
+        for param in model.parameters():
+            param.grad = torch.ones_like(param)
+        optimizer.step()
+        return init(model, optimizer)
+
+    def lbfgs():
+        model = build_pipeline_module(case)
+        return init(model, torch.optim.LBFGS(model.parameters()))
+
+    def foreign():
+        model = build_pipeline_module(case)
+        optimizer = client_optimizer(case, model)["optimizer"]
+        if model.stage_id == 0:
+            optimizer.add_param_group({"params": [nn.Parameter(torch.zeros(3))]})
+        return init(model, optimizer)
+
+    def tied_conflict():
+        model = build_pipeline_module(replace(case, tied=True))
+        first, second = [], []
+        for name, param in model.named_parameters():
+            tied_first = name.startswith("tied_modules") and model.stage_id == 0
+            (first if tied_first or (param.ndim >= 2 and not name.startswith("tied_modules")) else second).append(param)
+        optimizer = torch.optim.AdamW([{"params": first}, {"params": second, "weight_decay": 0.0}], lr=0.01)
+        return init(model, optimizer)
+
+    def mixed_model_parameters():
+        model = build_pipeline_module(case)
+        params = list(model.parameters())
+        return deepspeed.initialize(model=model, model_parameters=[{"params": params[:1]}, *params[1:]],
+                                    config=ds_config(replace(case, client="")))
+
+    return {name: _initialize_error(build) for name, build in [
+        ("stepped", stepped), ("lbfgs", lbfgs), ("foreign", foreign), ("tied_conflict", tied_conflict),
+        ("mixed_model_parameters", mixed_model_parameters)]}
+
+
+def run_forward_refusal_rank(rank: int, world_size: int) -> dict[str, Any]:
+    """What a schedule's chunks cannot honour of DeepSpeed's forward, each refused (2 ranks, dualpipev);
+    returns name -> (error type, message, is ValueError)."""
+    skip_shm_comm_build()
+    import deepspeed
+    import dualpipe_plugin.deepspeed  # noqa: F401
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    base = Case(num_stages=2, plugin=True, pipeline={"schedule": "dualpipev"})
+    staged = replace(base, staged=True, pipeline={"schedule": "dualpipev", "overlap": True})
+
+    def init(case: Case, model=None, config=None):
+        model = build_pipeline_module(case) if model is None else model
+        return deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+                                    config=config or ds_config(case))[0]
+
+    def adapter_injected():  # a layer changed after the PipelineModule was built: the rebuild would drop it
+        model = build_pipeline_module(base)
+        if model.stage_id == 1:
+            model._modules["5"].linear = LowRankAdapted(model._modules["5"].linear, rank=2)
+        return init(base, model)
+
+    def user_hook_with_overlap():
+        engine = init(staged)
+        engine.module.register_forward_hook(lambda module, inputs, output: None)
+        return engine.train_batch(data_iter(staged, 0, 0))
+
+    return {
+        "autocast_with_overlap": _initialize_error(lambda: init(replace(staged, autocast=True))),
+        "autotuning": _initialize_error(lambda: init(base, config={**ds_config(base), "autotuning": {"enabled": True}})),
+        "compile": _initialize_error(lambda: init(base).compile()),
+        "adapter_injected": _initialize_error(adapter_injected),
+        "user_hook_with_overlap": _initialize_error(user_hook_with_overlap),
+    }
+
+
+# --- checkpoints across schedules --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Leg:
+    """One stretch of a training run: an engine for ``case`` (its schedule, optimizer, ...), optionally loading
+    checkpoint ``load`` first, training ``steps`` (data by step index), optionally saving ``save`` after."""
+
+    case: Case
+    steps: tuple[int, ...] = ()
+    load: str | None = None
+    module_only: bool = False
+    save: str | None = None
+    damage_record: bool = False
+    """Before loading, global rank 0 overwrites the checkpoint's dualpipe_placement.json with broken JSON."""
+    optimizer_snapshot: bool = False
+    """Report the optimizer state (full tensors by global name) after loading (if it loads) and after training."""
+
+
+def _optimizer_snapshot(engine) -> dict[str, dict[str, torch.Tensor]]:
+    """Every parameter's full optimizer state and fp32 master by GLOBAL name (a collective over data parallel)."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    from dualpipe_plugin.deepspeed.placement_record import ExpertNames
+
+    names = ExpertNames.of_module(engine.module)
+    flat = not isinstance(engine.optimizer, torch.optim.Optimizer)
+    out = {}
+    for name, param in engine.module.named_parameters():
+        if flat:
+            entry = {key: safe_get_full_optimizer_state(param, key).clone() for key in ("exp_avg", "exp_avg_sq")}
+            entry["fp32"] = safe_get_full_fp32_param(param).clone()
+        else:
+            entry = {k: v.clone() for k, v in engine.optimizer.state[param].items() if torch.is_tensor(v)}
+        out[names.to_global(name)] = entry
+    return out
+
+
+def _engine_for(case: Case):
+    import deepspeed
+
+    if case.plugin:
+        import dualpipe_plugin.deepspeed as plugin
+
+        plugin.register()
+    elif "dualpipe_plugin.deepspeed" in sys.modules:
+        sys.modules["dualpipe_plugin.deepspeed"].unregister()
+    model = build_pipeline_module(case)
+    if case.client:
+        return deepspeed.initialize(model=model, config=ds_config(case), **client_optimizer(case, model))[0]
+    return deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+                                config=ds_config(case))[0]
+
+
+def run_legs_rank(rank: int, world_size: int, legs: Sequence[Leg], directory: str) -> list[dict]:
+    """The legs one after the other in these processes, each with a fresh engine; per leg: the engine's name,
+    its losses, the parameters right after loading and after training (this rank's, by global name), the
+    step counter, and the refusal if loading raised (the leg then stops there)."""
+    skip_shm_comm_build()
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    out = []
+    for leg in legs:
+        try:
+            engine = _engine_for(leg.case)
+        except ValueError as error:  # refused at initialize (the test inspects it)
+            out.append({"engine": "", "error": (type(error).__name__, str(error), True), "at": "initialize"})
+            continue
+        dp_id = engine.grid.get_data_parallel_id()
+        report: dict[str, Any] = {"engine": f"{type(engine).__name__}:{getattr(engine, 'pipeline_schedule', '')}",
+                                  "stage_id": engine.stage_id, "dp_id": dp_id, "error": None}
+        if leg.damage_record:
+            if torch.distributed.get_rank() == 0:
+                with open(f"{directory}/{leg.load}/dualpipe_placement.json", "w") as handle:
+                    handle.write("{")
+            torch.distributed.barrier()
+        if leg.load is not None:
+            try:
+                engine.load_checkpoint(directory, tag=leg.load, load_module_only=leg.module_only)
+            except Exception as error:  # noqa: BLE001 - the test inspects it
+                report["error"] = (type(error).__name__, str(error), isinstance(error, ValueError))
+                out.append(report)
+                continue
+        report["loaded"] = _param_snapshot(engine.module)
+        report["global_steps"] = engine.global_steps
+        if leg.optimizer_snapshot and leg.load is not None:  # a fresh optimizer has no state to snapshot yet
+            report["loaded_optimizer"] = _optimizer_snapshot(engine)
+        report["losses"] = [float(engine.train_batch(data_iter(leg.case, step, dp_id)).item()) for step in leg.steps]
+        report["params"] = _param_snapshot(engine.module)
+        if leg.optimizer_snapshot:
+            report["optimizer"] = _optimizer_snapshot(engine)
+        if leg.save is not None:
+            engine.save_checkpoint(directory, tag=leg.save)
+        out.append(report)
     return out

@@ -91,13 +91,18 @@ def test_import_registers_a_pipeline_engine_subclass() -> None:
 
     import dualpipe_plugin.deepspeed as plugin
 
+    from deepspeed.runtime.pipe.dualpipev import DualPipeVEngine
+
     assert deepspeed.PipelineEngine is plugin.DualPipeEngine and issubclass(plugin.DualPipeEngine, PipelineEngine)
+    assert deepspeed.DualPipeVEngine is plugin.CheckedDualPipeVEngine
+    assert issubclass(plugin.CheckedDualPipeVEngine, DualPipeVEngine)
     observed = PipelineModule._partition_layers
     plugin.register()  # idempotent
     assert deepspeed.PipelineEngine is plugin.DualPipeEngine and PipelineModule._partition_layers is observed
     plugin.unregister()
     try:
         assert deepspeed.PipelineEngine is PipelineEngine and not plugin.is_registered()
+        assert deepspeed.DualPipeVEngine is DualPipeVEngine
         assert PipelineModule._partition_layers is observed.__wrapped__
     finally:
         plugin.register()
@@ -257,7 +262,9 @@ def test_checkpoint_resume_and_portability(tmp_path) -> None:
 @pytest.mark.slow
 @pytest.mark.deepspeed
 def test_bad_input_fails_at_initialize() -> None:
-    errors = run_local(run_bad_input_rank, 2, timeout_s=240)[0]
+    per_rank = run_local(run_bad_input_rank, 2, timeout_s=240)
+    assert per_rank[0] == per_rank[1], "every rank raises the same errors"
+    errors = per_rank[0]
     expected = {
         "unknown_schedule": "valid schedules: dualpipe, dualpipev, 1f1b, zb1p, zbv, deepspeed",
         "dualpipe_odd_stages": "num_stages=1 .*even number of pipeline ranks.*'dualpipev'",
@@ -267,9 +274,9 @@ def test_bad_input_fails_at_initialize() -> None:
         "dynamic_shape": "dynamic_shape=False",
         "bad_overlap_value": "pipeline.overlap must be true or false",
         "tensor_parallel_partitioned": '"pipe_partitioned": false and "grad_partitioned": false',
-        "param_groups": "model_parameters as a flat list",
-        "client_optimizer": "pass a callable",
         "has_bool_tensors": "has_bool_tensors",
+        "dualpipev_module": "not run for a DualPipeVModule: .*DualPipeVEngine, which ignores the key.*"
+                            "build the model as deepspeed.pipe.PipelineModule",
         "eval_too_few_microbatches": "eval_batch with 2 micro-batches.*at least 2 x ranks = 4",
     }
     import re
@@ -280,6 +287,7 @@ def test_bad_input_fails_at_initialize() -> None:
         assert (kind, is_value_error) == ("DeepSpeedPipelineConfigError", True), (name, kind, message)
         assert re.search(pattern, message), (name, message)
     assert errors["eval_kept_iterator"], "a refused eval_batch must leave the training iterator in place"
+    assert errors["dualpipev_module_deepspeed"] == "CheckedDualPipeVEngine", "schedule 'deepspeed' keeps DeepSpeed's V"
 
 
 @pytest.mark.slow
