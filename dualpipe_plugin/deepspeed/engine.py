@@ -55,6 +55,15 @@ from dualpipe_plugin.deepspeed.config import (
     read_pipeline_options,
 )
 from dualpipe_plugin.deepspeed.layout import ModuleLayout, partition_method_of, place_layers
+from dualpipe_plugin.deepspeed.telemetry import (
+    TimedHooks,
+    TimedMirrorSync,
+    feed_deepspeed_timers,
+    report_step,
+    start_clock,
+    take_over_forward_timers,
+    timed,
+)
 from dualpipe_plugin.runtime.executor import PipelineExecutor
 from dualpipe_plugin.runtime.mirror import sync_mirrored_grads
 from dualpipe_plugin.runtime.options import PipelineOptions
@@ -261,6 +270,7 @@ class DualPipeEngine(PipelineEngine):
 
     def __init__(self, has_bool_tensors=False, *super_args, **super_kwargs):
         self._dualpipe: _Plan | None = None
+        self._step_clock = None  # the current training step's telemetry (telemetry.py), if any
         bound = _ENGINE_SIGNATURE.bind(None, *super_args, **super_kwargs)
         arguments = dict(bound.arguments)
         arguments.pop("self")
@@ -298,6 +308,7 @@ class DualPipeEngine(PipelineEngine):
             arguments["model_parameters"] = model_parameters(model)
         super().__init__(has_bool_tensors, **arguments)
         self._dualpipe = self._build_plan(options, placement, layout)
+        take_over_forward_timers(self)
 
     # -- initialisation helpers ------------------------------------------------------------------
     @staticmethod
@@ -375,11 +386,11 @@ class DualPipeEngine(PipelineEngine):
         groups = new_pipeline_groups(pipelines)  # every process, the same list: no second world
         mine = pipelines.index(list(self.grid.pp_group))
         transport = TorchTransport(self.grid.pp_group, groups=groups[mine], device=torch.device(self.device))
-        mirror_sync = partial(
+        mirror_sync = TimedMirrorSync(partial(
             sync_mirrored_grads,
             grad_of=self._bf16_grad_of() if self.using_bf16_optimizer else None,
             skip=layout.tied_param_ids,
-        )
+        ), lambda: self._step_clock)
         executor = PipelineExecutor(
             chunks, transport, options, mirror_sync=mirror_sync,
             overlap_advice="pipeline.overlap needs every layer of a chunk to be an nn.Module, at least one of them "
@@ -448,11 +459,16 @@ class DualPipeEngine(PipelineEngine):
         plan = self._dualpipe
         self.fwd_outputs = []
         train = pipe_schedule.train
+        clock = None
         if train:
             self.tput_timer.start()
+            clock = self._step_clock = start_clock(self, plan.executor)
         hooks = _StepHooks(self, plan, pipe_schedule.num_microbatches, train)
+        if clock is not None:
+            clock.data_loaded()
         # The hooks scale each loss as DeepSpeedEngine.backward does (loss_divisor stays 1).
-        plan.executor.run(pipe_schedule.num_microbatches, hooks, forward_only=not train)
+        plan.executor.run(pipe_schedule.num_microbatches, TimedHooks.wrap(hooks, clock), forward_only=not train,
+                          on_action=None if clock is None else clock.action_hook)
         values, additional = self._gather_losses(hooks)
         if plan.rank == plan.loss_rank:
             ordered = [values[m] for m in range(pipe_schedule.num_microbatches)]
@@ -470,9 +486,16 @@ class DualPipeEngine(PipelineEngine):
                     self.total_additional_losses = totals
         if train:
             # The executor already summed DualPipe's mirrored copies; then DeepSpeed's own tail of TrainSchedule.
-            self._exec_reduce_tied_grads()
-            self._exec_reduce_grads()
-            self._exec_optimizer_step()
+            with timed(clock, "reduce_s"):
+                self._exec_reduce_tied_grads()
+                self._exec_reduce_grads()
+            if clock is not None and clock.detailed:
+                feed_deepspeed_timers(self.timers, clock)  # before the optimizer step logs them
+            with timed(clock, "optimizer_s"):
+                self._exec_optimizer_step()
+            if clock is not None:
+                self._step_clock = None
+                report_step(self, clock)
 
     def _loss_for_backward(self, loss: torch.Tensor) -> torch.Tensor:
         """DeepSpeedEngine.backward's arithmetic: divide by gradient_accumulation_steps (once: the chunks run
