@@ -55,6 +55,7 @@ from dualpipe_plugin.deepspeed.config import (
     read_pipeline_options,
 )
 from dualpipe_plugin.deepspeed.layout import ModuleLayout, partition_method_of, place_layers
+from dualpipe_plugin.deepspeed.moe_overlap import holds_deepspeed_moe, staged_parts
 from dualpipe_plugin.deepspeed.telemetry import (
     TimedHooks,
     TimedMirrorSync,
@@ -379,7 +380,7 @@ class DualPipeEngine(PipelineEngine):
         chunk_ids = range(placement.num_chunks)
         staged = bool(options.overlap) and self._can_stage(layout)
         chunks: list[nn.Module] = (
-            [StagedChunk(layout.chunks[c].funcs) for c in chunk_ids] if staged
+            [StagedChunk(staged_parts(layout.chunks[c].funcs)) for c in chunk_ids] if staged
             else [_Chunk(layout, c) for c in chunk_ids]
         )
         pipelines = [list(ranks) for ranks in self.grid.pipe_groups]
@@ -394,7 +395,8 @@ class DualPipeEngine(PipelineEngine):
         executor = PipelineExecutor(
             chunks, transport, options, mirror_sync=mirror_sync,
             overlap_advice="pipeline.overlap needs every layer of a chunk to be an nn.Module, at least one of them "
-            "with sub_stages() (dualpipe_plugin.runtime.staged), no activation checkpointing and no seed_layers",
+            "holding a deepspeed.moe.layer.MoE or with sub_stages() (dualpipe_plugin.runtime.staged), no activation "
+            "checkpointing and no seed_layers",
         )
         return _Plan(
             options=options,
@@ -412,7 +414,8 @@ class DualPipeEngine(PipelineEngine):
         if module.activation_checkpoint_interval > 0 or module.seed_layers:
             return False
         funcs = [f for chunk in layout.chunks for f in chunk.funcs]
-        return all(isinstance(f, nn.Module) for f in funcs) and any(hasattr(f, "sub_stages") for f in funcs)
+        return all(isinstance(f, nn.Module) for f in funcs) and any(
+            hasattr(f, "sub_stages") or holds_deepspeed_moe(f) for f in funcs)
 
     def _bf16_grad_of(self):
         """BF16_Optimizer accumulates in fp32 buffers: the mirror sum acts there (after update_hp_grads)."""
