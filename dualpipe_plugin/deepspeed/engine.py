@@ -54,6 +54,7 @@ from dualpipe_plugin.deepspeed.config import (
     read_partition_method,
     read_pipeline_options,
 )
+from dualpipe_plugin.deepspeed.forward_path import hooks_idle
 from dualpipe_plugin.deepspeed.layout import ModuleLayout, partition_method_of, place_layers
 from dualpipe_plugin.deepspeed.moe_overlap import holds_deepspeed_moe, staged_parts
 from dualpipe_plugin.deepspeed.telemetry import (
@@ -97,11 +98,14 @@ class _Chunk(nn.Module):
         self.layers = nn.ModuleList(layout.chunks[index].modules)
         self.__dict__["_layout"] = layout  # a plain attribute: not registered as a submodule
         self.index = index
+        self.direct = False
+        """Call ``module.forward`` without DeepSpeed's idle forward hooks (forward_path.py); set per step."""
 
     def forward(self, inputs):
         layout = self._layout
         layout.activate(self.index)
-        outputs = layout.module(inputs)
+        module = layout.module
+        outputs = module.forward(inputs) if self.direct else module(inputs)
         if layout.module.activation_checkpoint_interval > 0 and torch.is_grad_enabled():
             # The checkpointed blocks recompute through module.forward_funcs when the backward reaches
             # them, which may be after another chunk's forward: make this chunk active again first.
@@ -182,6 +186,13 @@ class _StepHooks:
                     f"the data: pass data_iter to train_batch/eval_batch (or training_data to deepspeed.initialize)"
                 )
             self.batches = [engine._next_batch() for _ in range(num_microbatches)]
+        if not (engine.using_bf16_optimizer or isinstance(engine.optimizer, ZeROOptimizer)):
+            self.grad_scope = None  # nothing to do around a backward: the executor skips it
+        direct = hooks_idle(engine)
+        for module in plan.chunks:
+            if isinstance(module, _Chunk):
+                module.direct = direct
+        self._last_chunks = [plan.placement.is_last(plan.rank, c) for c in range(len(plan.chunks))]
         self.values: dict[int, Any] = {}
         self.additional: dict[int, OrderedDict] = {}
         self._raw_outputs: dict[int, Any] = {}
@@ -211,7 +222,7 @@ class _StepHooks:
             outputs = module(inputs[0] if len(inputs) == 1 else tuple(inputs))
         if not self.module.training:
             ds_checkpointing.reset()  # as DeepSpeed does between evaluation forwards
-        if self.plan.placement.is_last(self.plan.rank, chunk):
+        if self._last_chunks[chunk]:
             self._raw_outputs[microbatch] = outputs
         return outputs
 

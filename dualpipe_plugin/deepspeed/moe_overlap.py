@@ -131,22 +131,27 @@ class _Strand:
         return self._thread is not None and threading.current_thread() is self._thread
 
     def _hand(self, to_worker: bool, mail: Any) -> Any:
+        """Give the turn (and ``mail``) to the other thread; wait for it to come back; return its mail."""
         with self._cv:
             self._mail, self._worker_turn = mail, to_worker
+            del mail
             self._cv.notify_all()
             while self._worker_turn is to_worker:
                 self._cv.wait()
-            return self._mail
+            received, self._mail = self._mail, None  # hold no tensors between turns
+            return received
 
     def _loop(self) -> None:
         with self._cv:
             while not self._worker_turn:
                 self._cv.wait()
-            mail = self._mail
+            mail, self._mail = self._mail, None
         while True:
             kind, payload = mail
+            mail = None
             if kind == "start":
                 fn, state = payload
+                payload = None
                 try:
                     state.apply()
                     reply = ("done", fn())
@@ -154,9 +159,16 @@ class _Strand:
                     reply = ("aborted", None)
                 except BaseException as error:  # noqa: BLE001 - handed to the driver
                     reply = ("error", error)
+                fn = state = None
             else:  # a resume or an abort that found nothing running
                 reply = ("aborted", None)
-            mail = self._hand(False, reply)
+            with self._cv:  # hand the reply over, keeping no reference to it while idle
+                self._mail, self._worker_turn = reply, False
+                reply = None
+                self._cv.notify_all()
+                while not self._worker_turn:
+                    self._cv.wait()
+                mail, self._mail = self._mail, None
 
     def _drive(self, mail) -> tuple[str, Any]:
         if self._thread is None:
