@@ -17,10 +17,7 @@ two, its input-gradient part two more). A benchmark, not a test: no unit test as
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import statistics
 import sys
 from dataclasses import asdict, fields
@@ -31,12 +28,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def run(config) -> dict:
     from dualpipe_plugin.bench.deepspeed_moe import ENGINES, run_rank
+    from dualpipe_plugin.bench.machine import machine_facts
     from dualpipe_plugin.launch import run_local
 
-    load_before = os.getloadavg()[0]
+    before = machine_facts()
     result = run_local(run_rank, config.world, args=(config,), timeout_s=1800)[0]
     times = result["times_ms"]
-    baseline = times["train_schedule"]
 
     def paired(kind: str, over: str = "train_schedule") -> float:
         return round(statistics.median(a / b for a, b in zip(times[kind], times[over])), 4)
@@ -51,11 +48,9 @@ def run(config) -> dict:
         "overlap_engine_used": result["overlap_engine"],
         "a2a_ms": round(result["a2a_ms"], 2),
         "times_ms": {kind: [round(v, 1) for v in times[kind]] for kind in ENGINES},
-        "baseline_ms": [round(v, 1) for v in baseline],
         "config": asdict(config),
-        "machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
-                    "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
-                    "date": datetime.datetime.now().isoformat(timespec="seconds")},
+        "machine_at_start": before,
+        "load_average_at_end": machine_facts()["load_average_1m_5m_15m"],
     }
 
 
@@ -70,11 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args(argv)
     config = MoEBenchConfig(**{f.name: getattr(args, f.name) for f in fields(MoEBenchConfig)})
-    report = run(config)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    report = json.dumps(run(config), indent=2) + "\n"
+    sys.stdout.write(report)
+    if args.out is not None:
+        args.out.write_text(report)
     return 0
 
 

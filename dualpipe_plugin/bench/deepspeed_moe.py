@@ -148,26 +148,31 @@ def run_rank(rank: int, world: int, config: MoEBenchConfig) -> dict:
     batches = [(torch.randn(shape, generator=generator), torch.randn(shape, generator=generator))
                for _ in range(config.micro_batches)]
 
-    def step(kind: str) -> float:
-        dist.barrier()
-        start = time.perf_counter()
-        engines[kind].train_batch(iter(batches))
-        dist.barrier()  # a step ends when its slowest rank ends
-        return (time.perf_counter() - start) * 1e3
-
-    for _ in range(config.warmup):
-        for kind in ENGINES:
-            step(kind)
-    times: dict[str, list[float]] = {kind: [] for kind in ENGINES}
-    for _ in range(config.rounds):
-        for kind in ENGINES:
-            times[kind].append(step(kind))
+    spans: dict[str, list[tuple[float, float]]] = {kind: [] for kind in ENGINES}
+    for round_ in range(config.warmup + config.rounds):
+        for kind in ENGINES:  # interleaved: the box's load hits the three alike
+            dist.barrier()
+            start = time.perf_counter()
+            engines[kind].train_batch(iter(batches))
+            if round_ >= config.warmup:
+                spans[kind].append((start, time.perf_counter()))
+    times = {kind: _step_ms(spans[kind]) for kind in ENGINES}
     overlapped = engines["ours_overlap_on"].pipeline_executor.overlap is not None
-    comm = _a2a_ms(config, engines["ours_overlap_on"])
-    return {"times_ms": times, "overlap_engine": overlapped, "a2a_ms": comm}
+    return {"times_ms": times, "overlap_engine": overlapped, "a2a_ms": _a2a_ms(config)}
 
 
-def _a2a_ms(config: MoEBenchConfig, engine) -> float:
+def _step_ms(spans: list[tuple[float, float]]) -> list[float]:
+    """Each step from the first rank's start to the last rank's end (one clock for every process here)."""
+    from deepspeed import comm as dist
+
+    starts = torch.tensor([s for s, _ in spans], dtype=torch.float64)
+    ends = torch.tensor([e for _, e in spans], dtype=torch.float64)
+    dist.all_reduce(starts, op=dist.ReduceOp.MIN)
+    dist.all_reduce(ends, op=dist.ReduceOp.MAX)
+    return ((ends - starts) * 1e3).tolist()
+
+
+def _a2a_ms(config: MoEBenchConfig) -> float:
     """Median time of one all-to-all of a block's dispatch buffer on the expert-parallel group."""
     from deepspeed import comm as dist
     from deepspeed.utils import groups

@@ -15,7 +15,7 @@ somewhere in its ``forward``::
 
 With ``"pipeline": {"overlap": true}`` the engine builds each chunk as a
 :class:`~dualpipe_plugin.runtime.staged.StagedChunk` and :func:`staged_parts` turns every layer that holds
-such MoE layers into a :class:`DeepSpeedMoEBlock`: per MoE layer called by the block, five sub-stages
+such MoE layers into a :class:`DeepSpeedMoEStages`: per MoE layer called by the block, five sub-stages
 instead of one opaque forward (the block's code before, between and after them is the user's, run as is)::
 
     pre       COMPUTE  the block's code up to the MoE layer, then DeepSpeed's gate (TopKGate: the routing,
@@ -64,7 +64,7 @@ from torch.overrides import TorchFunctionMode
 
 from dualpipe_plugin.runtime.staged import Ready, StageKind, StageState, Tensors
 
-__all__ = ["DeepSpeedMoEBlock", "DeepSpeedMoEOverlapError", "holds_deepspeed_moe", "staged_parts"]
+__all__ = ["DeepSpeedMoEStages", "DeepSpeedMoEOverlapError", "holds_deepspeed_moe", "staged_parts"]
 
 
 class DeepSpeedMoEOverlapError(ValueError):
@@ -232,14 +232,14 @@ class _Cut(TorchFunctionMode):
 
 
 class _Run:
-    """One forward of a :class:`DeepSpeedMoEBlock` (one micro-batch): its sub-stages' graphs until backward.
+    """One forward of a :class:`DeepSpeedMoEStages` (one micro-batch): its sub-stages' graphs until backward.
 
     Segment ``j`` is the code between two all-to-alls: segment 0 starts at the block's inputs, segment
     ``j > 0`` at the tokens received by transfer ``j``. ``markers[j]`` is the autograd sequence number at
     its start (nodes made by this strand are numbered in order), so a node's segment is known.
     """
 
-    def __init__(self, block: "DeepSpeedMoEBlock", inputs: Tensors):
+    def __init__(self, block: "DeepSpeedMoEStages", inputs: Tensors):
         self.block = block
         self.block_name = block.label
         self.inputs = tuple(inputs)
@@ -403,7 +403,7 @@ class _Segment:
 
     kind = StageKind.COMPUTE
 
-    def __init__(self, block: "DeepSpeedMoEBlock", index: int, name: str):
+    def __init__(self, block: "DeepSpeedMoEStages", index: int, name: str):
         self.block, self.index, self.name = block, index, name
         self.last = index == 2 * len(block.layers)
         """Segment ``index`` of the block's forward: 0 before the first all-to-all, 2k after the last."""
@@ -494,7 +494,7 @@ def _all_to_all(tensor: torch.Tensor, group, then: Callable[[torch.Tensor], Tens
 # ---------------------------------------------------------------------------- MOELayer.forward, cut
 
 
-def _moe_layer_forward(layer, block: "DeepSpeedMoEBlock", *input: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+def _moe_layer_forward(layer, block: "DeepSpeedMoEStages", *input: torch.Tensor, **kwargs: Any) -> torch.Tensor:
     """``MOELayer.forward`` with its two all-to-alls as the strand's pauses (DeepSpeed's own functions and
     modules, in its order); DeepSpeed's own ``forward`` when not inside a staged forward of ``block``."""
     from deepspeed.moe import sharded_moe
@@ -534,7 +534,7 @@ def _check_layer(layer, label: str) -> None:
                                        f'set "overlap": false')
 
 
-class DeepSpeedMoEBlock(nn.Module):
+class DeepSpeedMoEStages(nn.Module):
     """A pipeline layer holding DeepSpeed MoE layers, as a part of a StagedChunk (see the module doc).
 
     Calling it runs the block as DeepSpeed would (``block(x)`` with one argument, a tensor or a tuple);
@@ -591,14 +591,14 @@ class _BoundForward:
 
     __slots__ = ("_layer", "_block")
 
-    def __init__(self, layer, block: DeepSpeedMoEBlock):
+    def __init__(self, layer, block: DeepSpeedMoEStages):
         self._layer, self._block = weakref.ref(layer), weakref.ref(block)
 
     def __call__(self, *input, **kwargs):
         return _moe_layer_forward(self._layer(), self._block(), *input, **kwargs)
 
 
-def _alias_inputs(block_ref: "weakref.ref[DeepSpeedMoEBlock]"):
+def _alias_inputs(block_ref: "weakref.ref[DeepSpeedMoEStages]"):
     def hook(module, args):
         block = block_ref()
         run = None if block is None else block.current_run()
@@ -623,14 +623,14 @@ class _DeepSpeedCall(nn.Module):
 
 def staged_parts(funcs: Sequence[Any]) -> list[nn.Module]:
     """The parts of a StagedChunk for a PipelineModule chunk: layers holding DeepSpeed MoE layers become
-    :class:`DeepSpeedMoEBlock` s, layers speaking the protocol (``sub_stages``) stay, every other layer is
+    :class:`DeepSpeedMoEStages` s, layers speaking the protocol (``sub_stages``) stay, every other layer is
     called as DeepSpeed calls it (one argument). Every func must be an ``nn.Module``."""
     parts: list[nn.Module] = []
     for index, func in enumerate(funcs):
         if hasattr(func, "sub_stages"):
             parts.append(func)
         elif holds_deepspeed_moe(func):
-            parts.append(DeepSpeedMoEBlock(func, f"{type(func).__name__}[{index}]"))
+            parts.append(DeepSpeedMoEStages(func, f"{type(func).__name__}[{index}]"))
         else:
             parts.append(_DeepSpeedCall(func))
     return parts

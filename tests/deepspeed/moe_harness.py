@@ -231,7 +231,7 @@ def _run_engine(case: MoECase) -> dict:
     from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
 
     import dualpipe_plugin.deepspeed as plugin
-    from dualpipe_plugin.deepspeed.moe_overlap import DeepSpeedMoEBlock
+    from dualpipe_plugin.deepspeed.moe_overlap import DeepSpeedMoEStages
 
     (plugin.register if case.plugin else plugin.unregister)()
     topology = PipeDataParallelTopology(num_pp=case.num_stages, num_dp=case.ep)
@@ -255,7 +255,7 @@ def _run_engine(case: MoECase) -> dict:
     losses = [float(engine.train_batch(iter(_batches(case, step, dp_id))).item()) for step in range(case.steps)]
     staged = 0
     if executor is not None:
-        staged = sum(isinstance(m, DeepSpeedMoEBlock) for chunk in executor.chunks for m in chunk.modules())
+        staged = sum(isinstance(m, DeepSpeedMoEStages) for chunk in executor.chunks for m in chunk.modules())
     pairs_overlapped = _overlapped_pairs(trace) if trace is not None else 0
     params = {name: p.detach().float().clone() for name, p in engine.module.named_parameters()}
     return {"losses": losses, "params": params, "dp_id": dp_id, "stage_id": engine.stage_id,
@@ -301,7 +301,7 @@ def _plain(block: nn.Module, x, aux, grad_out):
 
 
 def run_block_checks(rank: int, world_size: int, variants: list[str]) -> dict:
-    """Per variant: the plain block against DeepSpeedMoEBlock in a StagedChunk, (1) one after the other
+    """Per variant: the plain block against DeepSpeedMoEStages in a StagedChunk, (1) one after the other
     (StagedChunk as a module), (2) the staged block's forward overlapped with another staged block's
     backward (the overlap engine's rule) with the W split bound, against the plain block with the same
     split bound (the split's input-gradient matmul rounds differently from autograd's on some
@@ -309,7 +309,7 @@ def run_block_checks(rank: int, world_size: int, variants: list[str]) -> dict:
     skip_shm_comm_build()
     import deepspeed
 
-    from dualpipe_plugin.deepspeed.moe_overlap import DeepSpeedMoEBlock
+    from dualpipe_plugin.deepspeed.moe_overlap import DeepSpeedMoEStages
     from dualpipe_plugin.runtime.overlap import Side, run_pair_sides
     from dualpipe_plugin.runtime.staged import StagedChunk, claim_backward
     from dualpipe_plugin.runtime.weight_grad import WeightGradStore, bind_weight_split
@@ -333,7 +333,7 @@ def run_block_checks(rank: int, world_size: int, variants: list[str]) -> dict:
         try:
             reference = _plain(build(10), x, aux, grad_out)
             staged_block = build(10)
-            chunk = StagedChunk([DeepSpeedMoEBlock(staged_block)])
+            chunk = StagedChunk([DeepSpeedMoEStages(staged_block)])
             leaf = x.clone().requires_grad_()
             got, total = chunk(leaf, aux)
             torch.autograd.backward([got, total], [grad_out, torch.ones(())])
@@ -343,7 +343,7 @@ def run_block_checks(rank: int, world_size: int, variants: list[str]) -> dict:
             x_b = _block_inputs(8)[0]
             plain_b = _plain(build(20, split=True), x_b, aux, grad_out)
             block_a, block_b = build(10), build(20)
-            a, b = StagedChunk([DeepSpeedMoEBlock(block_a)]), StagedChunk([DeepSpeedMoEBlock(block_b)])
+            a, b = StagedChunk([DeepSpeedMoEStages(block_a)]), StagedChunk([DeepSpeedMoEStages(block_b)])
             store = WeightGradStore()
             bind_weight_split([a, b], store)
             x_b = x_b.clone().requires_grad_()
