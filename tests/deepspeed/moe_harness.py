@@ -120,8 +120,9 @@ class MoEBlock(nn.Module):
     * ``residual``: the same with DeepSpeed's residual MoE (``use_residual=True``: MoE.forward then runs
       its dense MLP and coefficient on the MoE input, a tensor from before the all-to-alls)
     * ``two``: two MoE layers one after the other in one block
-    * ``inplace`` / ``twice`` / ``function``: bad inputs (``out += y`` on a tensor from before the MoE; the
-      same MoE layer called twice; a custom autograd Function applied to a tensor from before the MoE)
+    * ``inplace`` / ``twice`` / ``function`` / ``unused``: bad inputs (``out += y`` on a tensor from before
+      the MoE; the same MoE layer called twice; a custom autograd Function applied to a tensor from before
+      the MoE; the MoE layer not called)
     """
 
     def __init__(self, seed: int, num_experts: int = 4, ep_size: int = 2, k: int = 2, variant: str = "plain",
@@ -145,6 +146,8 @@ class MoEBlock(nn.Module):
             return AuxLossInjection.apply(h + y, AUX_COEF * l_aux)
         x, aux = inputs
         h = x + torch.tanh(self.attn(self.norm1(x)))
+        if self.variant == "unused":  # holds an MoE layer, does not call it
+            return h, aux + 0.0 * h.mean()
         if self.variant == "inplace":
             out = h + 0.0
             y, l_aux, _ = self.moe(self.norm2(h))

@@ -47,6 +47,7 @@ def test_staged_block_equals_the_block() -> None:
         "inplace": "in-place operation add_ modifies a tensor computed before the MoE layer.*h = h \\+ y",
         "twice": "called an MoE layer more than once.*exactly once per forward",
         "function": "passes a tensor computed before it to _Twice.*h = h \\+ 0",
+        "unused": "called its 1 MoE layer\\(s\\) 0 time\\(s\\).*exactly once per forward",
     }
     import re
 
