@@ -24,7 +24,12 @@ micro-batch's loss is scaled here exactly as ``DeepSpeedEngine.backward`` does: 
 gradient_accumulation_steps once, then the optimizer's loss scale (fp16). Around every backward, W and
 F&B pair (the executor's ``grad_scope`` hook) the engine sets ``_running_engine_backward`` (ZeRO's hooks
 leave the step to the engine) and, with DeepSpeed's BF16_Optimizer, clears the bf16 gradients before and
-folds them into the fp32 accumulation after - per op, so a W that runs later than its I is folded too.
+folds them into the fp32 accumulation after - per op, so a W that runs later than its I is folded too
+(with neither optimizer there is nothing to do, and no scope is entered).
+
+Next door: :mod:`~dualpipe_plugin.deepspeed.telemetry` (DeepSpeed's timers and monitor events per step),
+:mod:`~dualpipe_plugin.deepspeed.moe_overlap` (DeepSpeed's MoE layer on the overlap protocol),
+:mod:`~dualpipe_plugin.deepspeed.forward_path` (when the chunks leave out DeepSpeed's idle forward hooks).
 """
 
 from __future__ import annotations
