@@ -263,7 +263,10 @@ class _Run:
         self.markers.append(_sequence_mark())
         self.aliases.append([])
         self._alias_of = {}
-        if len(self.markers) > 1 and self.grad:
+        segment = len(self.markers) - 1
+        # Segments 2, 4, ... run the block's own code after an MoE layer; the experts' segments see only
+        # the received tokens (a tensor from outside would still be caught by _check_cut).
+        if segment > 0 and segment % 2 == 0 and self.grad:
             self._mode = _Cut(self)
             self._mode.__enter__()
 
