@@ -133,7 +133,9 @@ def test_csv_monitor_gets_pipeline_engine_events(runs) -> None:
                               ("backward_inner", "bwd_inner_microstep"),
                               ("backward_allreduce", "bwd_allreduce_microstep")):
             logged = [t[timer] for t in micro]
-            assert [v for _, v in _csv(job, f"elapsed_time_ms_{metric}")] == pytest.approx(logged, abs=0.006)
+            # The log prints two decimals; its first line also holds the empty start/stop PipelineEngine
+            # makes at initialisation (microseconds).
+            assert [v for _, v in _csv(job, f"elapsed_time_ms_{metric}")] == pytest.approx(logged, abs=0.05)
         bubbles = [v for _, v in _csv(job, "pipeline_bubble_fraction")]
         assert all(0.0 < b < 1.0 for b in bubbles)
         assert all(v > 0 for _, v in _csv(job, "elapsed_time_ms_step"))
