@@ -24,7 +24,12 @@ micro-batch's loss is scaled here exactly as ``DeepSpeedEngine.backward`` does: 
 gradient_accumulation_steps once, then the optimizer's loss scale (fp16). Around every backward, W and
 F&B pair (the executor's ``grad_scope`` hook) the engine sets ``_running_engine_backward`` (ZeRO's hooks
 leave the step to the engine) and, with DeepSpeed's BF16_Optimizer, clears the bf16 gradients before and
-folds them into the fp32 accumulation after - per op, so a W that runs later than its I is folded too.
+folds them into the fp32 accumulation after - per op, so a W that runs later than its I is folded too
+(with neither optimizer there is nothing to do, and no scope is entered).
+
+Next door: :mod:`~dualpipe_plugin.deepspeed.telemetry` (DeepSpeed's timers and monitor events per step),
+:mod:`~dualpipe_plugin.deepspeed.moe_overlap` (DeepSpeed's MoE layer on the overlap protocol),
+:mod:`~dualpipe_plugin.deepspeed.forward_path` (when the chunks leave out DeepSpeed's idle forward hooks).
 """
 
 from __future__ import annotations
@@ -65,6 +70,17 @@ from dualpipe_plugin.deepspeed.forward import (
 from dualpipe_plugin.deepspeed.layout import ModuleLayout, partition_method_of, place_layers
 from dualpipe_plugin.deepspeed.moe_groups import create_expert_groups, replicas_agree_on_norm
 from dualpipe_plugin.deepspeed.optimizer import check_group_counts, record_parameters
+from dualpipe_plugin.deepspeed.forward_path import hooks_idle
+from dualpipe_plugin.deepspeed.moe_overlap import holds_deepspeed_moe, staged_parts
+from dualpipe_plugin.deepspeed.telemetry import (
+    TimedHooks,
+    TimedMirrorSync,
+    feed_deepspeed_timers,
+    report_step,
+    start_clock,
+    take_over_forward_timers,
+    timed,
+)
 from dualpipe_plugin.runtime.executor import PipelineExecutor
 from dualpipe_plugin.runtime.mirror import sync_mirrored_grads
 from dualpipe_plugin.runtime.options import PipelineOptions
@@ -97,11 +113,14 @@ class _Chunk(nn.Module):
         self.layers = nn.ModuleList(layout.chunks[index].modules)
         self.__dict__["_layout"] = layout  # a plain attribute: not registered as a submodule
         self.index = index
+        self.direct = False
+        """Call ``module.forward`` without DeepSpeed's idle forward hooks (forward_path.py); set per step."""
 
     def forward(self, inputs):
         layout = self._layout
         layout.activate(self.index)
-        outputs = layout.module(inputs)
+        module = layout.module
+        outputs = module.forward(inputs) if self.direct else module(inputs)
         if layout.module.activation_checkpoint_interval > 0 and torch.is_grad_enabled():
             # The checkpointed blocks recompute through module.forward_funcs when the backward reaches
             # them, which may be after another chunk's forward: make this chunk active again first.
@@ -182,6 +201,13 @@ class _StepHooks:
                     f"the data: pass data_iter to train_batch/eval_batch (or training_data to deepspeed.initialize)"
                 )
             self.batches = [engine._next_batch() for _ in range(num_microbatches)]
+        if not (engine.using_bf16_optimizer or isinstance(engine.optimizer, ZeROOptimizer)):
+            self.grad_scope = None  # nothing to do around a backward: the executor skips it
+        direct = hooks_idle(engine)
+        for module in plan.chunks:
+            if isinstance(module, _Chunk):
+                module.direct = direct
+        self._last_chunks = [plan.placement.is_last(plan.rank, c) for c in range(len(plan.chunks))]
         self.values: dict[int, Any] = {}
         self.additional: dict[int, OrderedDict] = {}
         self._raw_outputs: dict[int, Any] = {}
@@ -212,7 +238,7 @@ class _StepHooks:
                 outputs = module(inputs[0] if len(inputs) == 1 else tuple(inputs))
         if not self.module.training:
             ds_checkpointing.reset()  # as DeepSpeed does between evaluation forwards
-        if self.plan.placement.is_last(self.plan.rank, chunk):
+        if self._last_chunks[chunk]:
             self._raw_outputs[microbatch] = outputs
         return outputs
 
@@ -272,6 +298,7 @@ class DualPipeEngine(PipelineEngine):
 
     def __init__(self, has_bool_tensors=False, *super_args, **super_kwargs):
         self._dualpipe: _Plan | None = None
+        self._step_clock = None  # the current training step's telemetry (telemetry.py), if any
         bound = _ENGINE_SIGNATURE.bind(None, *super_args, **super_kwargs)
         arguments = dict(bound.arguments)
         arguments.pop("self")
@@ -311,6 +338,7 @@ class DualPipeEngine(PipelineEngine):
         self._dualpipe = self._build_plan(options, placement, layout)
         check_forward_features(self, schedule=options.schedule.name, staged=self._dualpipe.staged)
         check_group_counts(self, options.schedule.name)
+        take_over_forward_timers(self)
 
     # -- initialisation helpers ------------------------------------------------------------------
     @staticmethod
@@ -331,22 +359,23 @@ class DualPipeEngine(PipelineEngine):
         chunk_ids = range(placement.num_chunks)
         staged = bool(options.overlap) and self._can_stage(layout)
         chunks: list[nn.Module] = (
-            [StagedChunk(layout.chunks[c].funcs) for c in chunk_ids] if staged
+            [StagedChunk(staged_parts(layout.chunks[c].funcs)) for c in chunk_ids] if staged
             else [_Chunk(layout, c) for c in chunk_ids]
         )
         pipelines = [list(ranks) for ranks in self.grid.pipe_groups]
         groups = new_pipeline_groups(pipelines)  # every process, the same list: no second world
         mine = pipelines.index(list(self.grid.pp_group))
         transport = TorchTransport(self.grid.pp_group, groups=groups[mine], device=torch.device(self.device))
-        mirror_sync = partial(
+        mirror_sync = TimedMirrorSync(partial(
             sync_mirrored_grads,
             grad_of=self._bf16_grad_of() if self.using_bf16_optimizer else None,
             skip=layout.tied_param_ids,
-        )
+        ), lambda: self._step_clock)
         executor = PipelineExecutor(
             chunks, transport, options, mirror_sync=mirror_sync,
             overlap_advice="pipeline.overlap needs every layer of a chunk to be an nn.Module, at least one of them "
-            "with sub_stages() (dualpipe_plugin.runtime.staged), no activation checkpointing and no seed_layers",
+            "holding a deepspeed.moe.layer.MoE or with sub_stages() (dualpipe_plugin.runtime.staged), no activation "
+            "checkpointing and no seed_layers",
         )
         return _Plan(
             options=options,
@@ -364,7 +393,8 @@ class DualPipeEngine(PipelineEngine):
         if module.activation_checkpoint_interval > 0 or module.seed_layers:
             return False
         funcs = [f for chunk in layout.chunks for f in chunk.funcs]
-        return all(isinstance(f, nn.Module) for f in funcs) and any(hasattr(f, "sub_stages") for f in funcs)
+        return all(isinstance(f, nn.Module) for f in funcs) and any(
+            hasattr(f, "sub_stages") or holds_deepspeed_moe(f) for f in funcs)
 
     def _bf16_grad_of(self):
         """BF16_Optimizer accumulates in fp32 buffers: the mirror sum acts there (after update_hp_grads)."""
@@ -412,11 +442,16 @@ class DualPipeEngine(PipelineEngine):
         plan = self._dualpipe
         self.fwd_outputs = []
         train = pipe_schedule.train
+        clock = None
         if train:
             self.tput_timer.start()
+            clock = self._step_clock = start_clock(self, plan.executor)
         hooks = _StepHooks(self, plan, pipe_schedule.num_microbatches, train)
+        if clock is not None:
+            clock.data_loaded()
         # The hooks scale each loss as DeepSpeedEngine.backward does (loss_divisor stays 1).
-        plan.executor.run(pipe_schedule.num_microbatches, hooks, forward_only=not train)
+        plan.executor.run(pipe_schedule.num_microbatches, TimedHooks.wrap(hooks, clock), forward_only=not train,
+                          on_action=None if clock is None else clock.action_hook)
         values, additional = self._gather_losses(hooks)
         if plan.rank == plan.loss_rank:
             ordered = [values[m] for m in range(pipe_schedule.num_microbatches)]
@@ -434,9 +469,16 @@ class DualPipeEngine(PipelineEngine):
                     self.total_additional_losses = totals
         if train:
             # The executor already summed DualPipe's mirrored copies; then DeepSpeed's own tail of TrainSchedule.
-            self._exec_reduce_tied_grads()
-            self._exec_reduce_grads()
-            self._exec_optimizer_step()
+            with timed(clock, "reduce_s"):
+                self._exec_reduce_tied_grads()
+                self._exec_reduce_grads()
+            if clock is not None and clock.detailed:
+                feed_deepspeed_timers(self.timers, clock)  # before the optimizer step logs them
+            with timed(clock, "optimizer_s"):
+                self._exec_optimizer_step()
+            if clock is not None:
+                self._step_clock = None
+                report_step(self, clock)
 
     def _loss_for_backward(self, loss: torch.Tensor) -> torch.Tensor:
         """DeepSpeedEngine.backward's arithmetic: divide by gradient_accumulation_steps (once: the chunks run

@@ -83,9 +83,11 @@ class ModuleLayout:
     def activate(self, index: int) -> None:
         """Make chunk ``index`` what ``module.forward`` runs (its funcs, bounds and checkpoint blocks)."""
         chunk, module = self.chunks[index], self.module
-        module.forward_funcs = chunk.funcs
-        module.fwd_map = chunk.fwd_map
-        module._local_start, module._local_stop = chunk.start, chunk.stop
+        # Plain attributes of the module, set in its __dict__ (nn.Module.__setattr__ costs more; this
+        # runs before every forward).
+        attributes = module.__dict__
+        attributes["forward_funcs"], attributes["fwd_map"] = chunk.funcs, chunk.fwd_map
+        attributes["_local_start"], attributes["_local_stop"] = chunk.start, chunk.stop
         interval = module.activation_checkpoint_interval
         if interval > 0:
             key = (interval, module.activation_checkpoint_func)

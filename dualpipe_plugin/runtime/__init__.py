@@ -20,7 +20,7 @@ from dualpipe_plugin.runtime.options import DEFAULT_TIMEOUT_S, PipelineOptions
 _LAZY = {
     "CheckpointError": "checkpoint", "latest_checkpoint": "checkpoint", "load_checkpoint": "checkpoint",
     "save_checkpoint": "checkpoint",
-    "PipelineExecutor": "executor", "StageHooks": "executor", "StepOutcome": "executor",
+    "ActionTiming": "executor", "PipelineExecutor": "executor", "StageHooks": "executor", "StepOutcome": "executor",
     "DualPipeline": "pipeline", "StepResult": "pipeline", "split_stages": "pipeline", "stage_modules": "pipeline",
     "MicrobatchRNG": "rng", "MirroredGeneratorWarning": "rng", "set_microbatch": "rng",
     "Channel": "transport", "TorchTransport": "transport", "Transport": "transport",

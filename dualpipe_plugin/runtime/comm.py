@@ -72,8 +72,15 @@ class StepComm:
         self._link_header_sent: dict[tuple, tuple[TensorMeta, ...]] = {}
         self._local: dict[Transfer, tuple[tuple[torch.Tensor, ...], tuple[TensorMeta, ...]]] = {}
         self._sends: list[Work] = []
-        self.waited_s = 0.0
+        self.waited_activation_s = 0.0
+        """Seconds spent blocked receiving activations (and their shape headers)."""
+        self.waited_gradient_s = 0.0
+        """Seconds spent blocked receiving gradients."""
+
+    @property
+    def waited_s(self) -> float:
         """Seconds spent blocked on receives; the executor reads it to time compute apart from waiting."""
+        return self.waited_activation_s + self.waited_gradient_s
 
     # -- receiving -------------------------------------------------------------------------------
     def post_recv(self, transfer: Transfer) -> None:
@@ -120,7 +127,7 @@ class StepComm:
         if pending.metas is None:
             assert pending.header is not None, "receives on one link are consumed in the order they were posted"
             self.flush()
-            self._timed_wait(pending.header_work)
+            self._timed_wait(pending.header_work, gradient=False)
             metas = decode_header(pending.header)
             link = _link(transfer)
             if not self._per_microbatch:
@@ -129,17 +136,21 @@ class StepComm:
             for waiting in self._link_waiting.pop(link, []):
                 self._post_payload(waiting, metas)
         self.flush()
+        gradient = transfer.payload is Payload.GRADIENT
         for work in pending.works:
-            self._timed_wait(work)
+            self._timed_wait(work, gradient=gradient)
         del self._pending[transfer]
         return tuple(pending.buffers), pending.metas
 
-    def _timed_wait(self, work: Work) -> None:
+    def _timed_wait(self, work: Work, *, gradient: bool) -> None:
         started = time.perf_counter()
         try:
             work.wait(self._timeout_s)
         finally:
-            self.waited_s += time.perf_counter() - started
+            if gradient:
+                self.waited_gradient_s += time.perf_counter() - started
+            else:
+                self.waited_activation_s += time.perf_counter() - started
 
     # -- sending ---------------------------------------------------------------------------------
     def send(self, transfer: Transfer, tensors: tuple[torch.Tensor, ...]) -> None:

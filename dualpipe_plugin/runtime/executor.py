@@ -49,7 +49,7 @@ from dualpipe_plugin.schedules import Action, Op, OpKind, Pair, Schedule, op_io,
 from dualpipe_plugin.schedules.lowering import OpIO
 from dualpipe_plugin.schedules.grid import format_grid
 
-__all__ = ["StageHooks", "PipelineExecutor", "StepOutcome", "OverlapEngine"]
+__all__ = ["ActionTiming", "StageHooks", "PipelineExecutor", "StepOutcome", "OverlapEngine"]
 
 
 class StageHooks(Protocol):
@@ -113,6 +113,28 @@ class StepOutcome:
     timeline: list[tuple[Action, float, float]] = field(default_factory=list)
     """(action, start_ms, end_ms) relative to the step's start (only with ``record``); the time an action
     spent waiting for its inputs is left out of its span (it shows as idle)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ActionTiming:
+    """How long one action of a step took on this rank (``run(on_action=...)``); ``time.perf_counter`` seconds.
+
+    ``busy_s`` is the action's own work: from the moment its inputs had arrived to its end (its receive
+    waits left out, as in the ``record`` timeline). Host time: on an accelerator with asynchronous
+    kernels it is the time to issue the work, not the device's.
+    """
+
+    action: Action
+    started_s: float
+    ended_s: float
+    waited_activation_s: float
+    """Blocked receiving activations (and shape headers) inside this action."""
+    waited_gradient_s: float
+    """Blocked receiving gradients inside this action."""
+
+    @property
+    def busy_s(self) -> float:
+        return self.ended_s - self.started_s - self.waited_activation_s - self.waited_gradient_s
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
@@ -295,21 +317,26 @@ class PipelineExecutor:
         return_outputs: bool = False,
         record: bool = False,
         loss_divisor: float = 1.0,
+        on_action: Callable[[ActionTiming], None] | None = None,
     ) -> StepOutcome:
         """Run one step of ``num_microbatches`` micro-batches; gradients accumulate into ``.grad``.
 
         Each micro-batch's loss is back-propagated as ``loss / loss_divisor`` (pass the micro-batch
-        count for the gradient of the mean loss); the reported losses are not divided. A step that raises
-        marks the pipeline failed (see the module docstring).
+        count for the gradient of the mean loss); the reported losses are not divided. ``on_action``, if
+        given, is called after every action with its :class:`ActionTiming` (per-op timing without the
+        ``record`` timeline; a few perf_counter reads per action). A step that raises marks the pipeline
+        failed (see the module docstring).
         """
         self._latch.refuse_if_failed("a step")
         schedule = self.schedule_for(num_microbatches)
         with self._latch.guard(f"the step of {schedule.name} P={schedule.num_ranks} C={num_microbatches}"):
             return self._run(schedule, num_microbatches, hooks, forward_only=forward_only,
-                             return_outputs=return_outputs, record=record, loss_divisor=loss_divisor)
+                             return_outputs=return_outputs, record=record, loss_divisor=loss_divisor,
+                             on_action=on_action)
 
     def _run(self, schedule: Schedule, num_microbatches: int, hooks: StageHooks, *, forward_only: bool,
-             return_outputs: bool, record: bool, loss_divisor: float) -> StepOutcome:
+             return_outputs: bool, record: bool, loss_divisor: float,
+             on_action: Callable[[ActionTiming], None] | None) -> StepOutcome:
         self._schedule, self._hooks = schedule, hooks
         self._op_io = self._io_tables[num_microbatches]
         self._forward_only, self._return_outputs = forward_only, return_outputs
@@ -329,9 +356,10 @@ class PipelineExecutor:
         with grad_mode:
             for index in range(min(self.lookahead, len(plan))):
                 self._post(plan[index])
+            comm = self._comm
             for index, action in enumerate(actions):
                 start = time.perf_counter()
-                waited_before = self._comm.waited_s
+                activation_before, gradient_before = comm.waited_activation_s, comm.waited_gradient_s
                 for ahead in range(index + 1, min(index + 1 + self.lookahead, len(plan))):
                     self._post(plan[ahead])
                 try:
@@ -345,12 +373,16 @@ class PipelineExecutor:
                         f"P={schedule.num_ranks} C={num_microbatches}:\n{format_grid(schedule, {self.rank: index})}"
                     )
                     raise
-                if record:
-                    # The span starts once the action stops waiting for its inputs: compute, not idle.
-                    busy_from = start + (self._comm.waited_s - waited_before)
-                    self._outcome.timeline.append(
-                        (action, (busy_from - t0) * 1e3, (time.perf_counter() - t0) * 1e3)
-                    )
+                if record or on_action is not None:
+                    ended = time.perf_counter()
+                    waited_activation = comm.waited_activation_s - activation_before
+                    waited_gradient = comm.waited_gradient_s - gradient_before
+                    if record:
+                        # The span starts once the action stops waiting for its inputs: compute, not idle.
+                        busy_from = start + waited_activation + waited_gradient
+                        self._outcome.timeline.append((action, (busy_from - t0) * 1e3, (ended - t0) * 1e3))
+                    if on_action is not None:
+                        on_action(ActionTiming(action, start, ended, waited_activation, waited_gradient))
             try:
                 self._comm.finish()
                 if schedule.placement.mirrored and not forward_only:
