@@ -1,0 +1,221 @@
+"""Rank functions of the planner's benchmarks: run a model cut where a plan says, time it, count its memory.
+
+``benchmarks/planner_calibration.py``, ``planner_memory.py`` and ``planner_cuts.py`` launch these with
+:func:`~dualpipe_plugin.launch.run_local`. One :class:`PlannedRun` names the model (a row of layers from
+:mod:`dualpipe_plugin.reference`), the schedule, the cut (``boundaries``; None: uniform) and what to
+measure. Every step starts after a barrier; a step is ``max(end) - min(start)`` over the ranks. With
+``record`` the last step's executor timeline comes back too (per rank, with the rank's start offset), for
+the measured-beside-simulated picture. With ``memory`` one more step runs under a
+:class:`~dualpipe_plugin.planner.meter.SavedTensorMeter` (its peak, the W store watched) and an AdamW
+step follows, so the rank reports what it held: parameters, gradients, optimizer state, activations.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["PlannedRun", "MODELS", "model_layers", "run_planned_rank", "MoERun", "moe_profile_rank", "run_moe_rank"]
+
+MODELS = ("uniform8", "emulated_heavy", "heavy")
+"""uniform8: 8 emulated layers, F = I = W = 10 ms each (the workload of ``bench compare``);
+emulated_heavy / heavy: :mod:`dualpipe_plugin.reference.heavy_ends`, emulated and real math."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlannedRun:
+    model: str
+    schedule: str
+    microbatches: int = 16
+    boundaries: tuple[int, ...] | None = None
+    warmup: int = 2
+    steps: int = 5
+    record: bool = False
+    memory: bool = False
+    timeout_s: float = 120.0
+
+
+def model_layers(name: str) -> tuple[list, Any]:
+    """(layers, profile target) of a named model (the target profiles the same layers)."""
+    from dualpipe_plugin.planner.profile import ProfileTarget
+    from dualpipe_plugin.reference import heavy_ends
+
+    if name == "uniform8":
+        from dualpipe_plugin.runtime.emulate import EmulatedCosts, EmulatedLayer
+
+        torch.manual_seed(0)
+        layers = [EmulatedLayer(64, EmulatedCosts(0.010, 0.010, 0.010)) for _ in range(8)]
+        x, y = _dense_batch(1, 8, 64)
+        return layers, ProfileTarget.from_layers(layers, x, loss=partial(heavy_ends.mse_loss, target=y),
+                                                 model="8 emulated layers, F = I = W = 10 ms")
+    if name == "emulated_heavy":
+        target = heavy_ends.emulated_profile_target()
+        return list(target.layers), target
+    if name == "heavy":
+        target = heavy_ends.profile_target()
+        return list(target.layers), target
+    raise ValueError(f"unknown model {name!r}; one of {', '.join(MODELS)}")
+
+
+def _dense_batch(microbatches: int, rows: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    shape = (microbatches * rows, dim)
+    return torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)
+
+
+def _batch_and_loss(name: str, microbatches: int):
+    from dualpipe_plugin.reference import heavy_ends
+
+    if name == "heavy":
+        config = heavy_ends.HeavyEnds()
+        return heavy_ends.batch(config, microbatches), heavy_ends.lm_loss
+    rows = 8
+    return _dense_batch(microbatches, rows, 64), heavy_ends.mse_loss
+
+
+def _timed(step, warmup: int, steps: int) -> list[tuple[float, float]]:
+    spans = []
+    for index in range(warmup + steps):
+        dist.barrier()
+        start = time.perf_counter()
+        step(index == warmup + steps - 1)
+        end = time.perf_counter()
+        if index >= warmup:
+            spans.append((start, end))
+    return spans
+
+
+def run_planned_rank(rank: int, world_size: int, run: PlannedRun) -> dict:
+    from dualpipe_plugin.runtime.pipeline import DualPipeline, stage_modules
+
+    torch.manual_seed(0)
+    layers, _ = model_layers(run.model)
+    chunks = stage_modules(layers, run.schedule, num_ranks=world_size, rank=rank, boundaries=run.boundaries)
+    (x, y), loss_fn = _batch_and_loss(run.model, run.microbatches)
+    pipe = DualPipeline(chunks, run.schedule, loss_fn=loss_fn, timeout_s=run.timeout_s, overlap=False)
+    report: dict = {}
+
+    def step(last: bool) -> None:
+        for chunk in chunks:
+            chunk.zero_grad(set_to_none=True)
+        started = time.perf_counter()
+        result = pipe.step(x if pipe.needs_inputs() else None, y if pipe.needs_labels() else None,
+                           num_microbatches=run.microbatches, reduce_loss=False, record=run.record and last)
+        if run.record and last:
+            report["timeline"] = [(str(action), start, end) for action, start, end in result.timeline]
+            report["started"] = started
+
+    report["spans"] = _timed(step, run.warmup, run.steps)
+    if run.memory:
+        report["memory"] = _measure_memory(pipe, chunks, x, y, run)
+    pipe.close()
+    return report
+
+
+def _measure_memory(pipe, chunks, x, y, run: PlannedRun) -> dict:
+    """One more step under the meter, then an AdamW step: what this rank held, by kind (bytes)."""
+    from dualpipe_plugin.planner.meter import SavedTensorMeter, tensor_bytes
+
+    params = list({id(p): p for chunk in chunks for p in chunk.parameters()}.values())
+    for chunk in chunks:
+        chunk.zero_grad(set_to_none=True)
+    meter = SavedTensorMeter(exclude=[*params, x, y])
+    meter.watch_store(pipe.executor.store)
+    with meter.counting():
+        pipe.step(x if pipe.needs_inputs() else None, y if pipe.needs_labels() else None,
+                  num_microbatches=run.microbatches, reduce_loss=False)
+    meter.unwatch_store(pipe.executor.store)
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    optimizer.step()
+    return {
+        "params": sum(p.numel() * p.element_size() for p in params),
+        "grads": sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None),
+        "optimizer": sum(tensor_bytes(list(state.values())) for state in optimizer.state.values()),
+        "activations": meter.peak,
+        "left_after_step": meter.live,
+    }
+
+
+# ------------------------------------------------------------------------------------------ MoE, P x EP
+
+
+@dataclass(frozen=True, kw_only=True)
+class MoERun:
+    """The reference MoE model (``bench compare``'s MoE workload) on P pipeline ranks x EP = 2."""
+
+    schedule: str = "dualpipev"
+    ranks: int = 2
+    blocks: int = 4
+    microbatches: int = 16
+    warmup: int = 2
+    steps: int = 5
+    record: bool = False
+
+
+def _moe_workload(run: MoERun):
+    from dualpipe_plugin.bench.workload import MoEWorkload, Workload
+
+    return Workload(ranks=run.ranks, microbatches=run.microbatches, layers=run.blocks, moe=MoEWorkload(),
+                    warmup=run.warmup, steps=run.steps)
+
+
+def moe_profile_rank(rank: int, world_size: int, run: MoERun) -> dict:
+    """Both processes of one EP group profile the model in lock step (the blocks' all-to-alls need the peer);
+    the embedding and head attach to the first and last block, as ``moe_chunks`` places them."""
+    from dualpipe_plugin.bench.peers_deepspeed import DeepSpeedMoEBlock
+    from dualpipe_plugin.moe import Embedding, Head, lm_loss, new_expert_parallel
+    from dualpipe_plugin.planner.profile import ProfileTarget, profile_model
+
+    workload = _moe_workload(run)
+    ep = new_expert_parallel([list(range(world_size))])
+    config, costs = workload.moe.model, workload.layer_costs()
+    torch.manual_seed(0)
+    layers = [Embedding(config)] + [DeepSpeedMoEBlock(config, ep, costs) for _ in range(run.blocks)] + [Head(config)]
+    tokens, labels = workload.batch(seed=rank)
+    rows = workload.moe.batch
+    target = ProfileTarget(layers=layers, inputs=tokens[:rows], loss=partial(_on_labels, lm_loss, labels[:rows]),
+                           attach=["next"] + [None] * run.blocks + ["previous"],
+                           model=f"reference MoE model, {run.blocks} blocks, EP={world_size}, emulated compute")
+    return profile_model(target).to_dict()
+
+
+def _on_labels(loss_fn, labels, output):
+    return loss_fn(output, labels)
+
+
+def run_moe_rank(rank: int, world_size: int, run: MoERun) -> dict:
+    from dualpipe_plugin.bench.workload import moe_block_wrapper, moe_model, moe_setup
+    from dualpipe_plugin.moe import lm_loss, moe_chunks
+    from dualpipe_plugin.runtime.pipeline import DualPipeline
+    from dualpipe_plugin.runtime.transport import TorchTransport, new_pipeline_groups
+
+    workload = _moe_workload(run)
+    setup = moe_setup(workload)
+    groups = new_pipeline_groups(setup.pipelines)
+    transport = TorchTransport(setup.pipelines[setup.replica], groups=groups[setup.replica])
+    model = moe_model(workload, setup.ep)
+    chunks = moe_chunks(model, run.schedule, run.ranks, setup.stage_rank, wrap=moe_block_wrapper(workload))
+    pipe = DualPipeline(chunks, run.schedule, loss_fn=lm_loss, transport=transport, overlap=False,
+                        timeout_s=workload.timeout_s)
+    tokens, labels = workload.batch(seed=setup.replica)
+    report: dict = {}
+
+    def step(last: bool) -> None:
+        for chunk in chunks:
+            chunk.zero_grad(set_to_none=True)
+        started = time.perf_counter()
+        result = pipe.step(tokens if pipe.needs_inputs() else None, labels if pipe.needs_labels() else None,
+                           num_microbatches=run.microbatches, reduce_loss=False, record=run.record and last)
+        if run.record and last:
+            report["timeline"] = [(str(action), start, end) for action, start, end in result.timeline]
+            report["started"] = started
+
+    report["spans"] = _timed(step, run.warmup, run.steps)
+    report["replica"], report["stage_rank"] = setup.replica, setup.stage_rank
+    pipe.close()
+    return report
