@@ -53,7 +53,8 @@ class _Row(nn.Module):
         self.layers = list(layers)
         self.modules_ = nn.ModuleList([layer for layer in layers if isinstance(layer, nn.Module)])
 
-    def forward(self, x: Any) -> Any:
+    def forward(self, *inputs: Any) -> Any:
+        x = inputs[0] if len(inputs) == 1 else inputs  # the executor passes a tuple's tensors as arguments
         for layer in self.layers:
             x = layer(x)
         return x

@@ -93,6 +93,8 @@ class RunSpec:
     """Pass one data iterator for all chunks of a rank instead of one per chunk."""
     forward_only: bool = False
     """Evaluate (``forward_only=True``): losses only, no gradients."""
+    stage_layers: tuple[int, ...] | None = None
+    """Transformer layers per stage for a two-chunk plugin schedule (``configure_model_config(stage_layers=)``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +125,8 @@ class Merged:
 # --------------------------------------------------------------------------------------------- model
 
 
-def build_model(tiny: TinyGPT, parallel: Parallel, config, schedule: str | None = None) -> list:
+def build_model(tiny: TinyGPT, parallel: Parallel, config, schedule: str | None = None,
+                stage_layers: tuple[int, ...] | None = None) -> list:
     """This rank's chunks of ``tiny`` (weights :func:`init_for_comparison`), ``pre_process``/``post_process``
     per chunk.
 
@@ -135,7 +138,7 @@ def build_model(tiny: TinyGPT, parallel: Parallel, config, schedule: str | None 
         return megatron_placement_chunks(provider, parallel.vp)
     from dualpipe_plugin.megatron import build_model_chunks, configure_model_config
 
-    configure_model_config(config, schedule)
+    configure_model_config(config, schedule, stage_layers=stage_layers)
     return build_model_chunks(provider, config)
 
 
@@ -182,7 +185,7 @@ def run_megatron(rank: int, world_size: int, spec: RunSpec) -> RankResult:
         init_parallel(par, tiny.seed, gloo_groups=spec.optimizer)
         try:
             config = transformer_config(tiny, par, **dict(spec.config_overrides))
-            chunks = build_model(tiny, par, config, spec.schedule)
+            chunks = build_model(tiny, par, config, spec.schedule, spec.stage_layers)
             ddp_config = DistributedDataParallelConfig(
                 grad_reduce_in_fp32=False,
                 overlap_grad_reduce=spec.overlap_grad_reduce,
