@@ -20,11 +20,57 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["PlannedRun", "MODELS", "model_layers", "run_planned_rank", "MoERun", "moe_profile_rank", "run_moe_rank"]
+__all__ = [
+    "PlannedRun", "MODELS", "EmulatedHeavyEnds", "emulated_layer_costs", "emulated_heavy_ends", "mse_loss",
+    "model_layers", "run_planned_rank", "run_planned_deepspeed_rank", "run_planned_megatron_rank",
+    "MoERun", "moe_profile_rank", "run_moe_rank",
+]
 
 MODELS = ("uniform8", "emulated_heavy", "heavy")
-"""uniform8: 8 emulated layers, F = I = W = 10 ms each (the workload of ``bench compare``);
-emulated_heavy / heavy: :mod:`dualpipe_plugin.reference.heavy_ends`, emulated and real math."""
+"""uniform8: 8 emulated layers, F = I = W = 10 ms each (the workload of ``bench compare``); heavy:
+:mod:`dualpipe_plugin.reference.heavy_ends` (real math); emulated_heavy: its twin on the emulated device
+(:func:`emulated_heavy_ends`)."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class EmulatedHeavyEnds:
+    """The heavy-ends shape on the emulated device: per block F, I, W in ms; the embedding and the head
+    ``end_factor`` times that. Every layer is a small Linear+tanh lasting those times (real math on 4
+    ranks would fight for 2 cores)."""
+
+    blocks: int = 14
+    forward_ms: float = 4.0
+    input_grad_ms: float = 4.0
+    weight_grad_ms: float = 4.0
+    end_factor: float = 3.0
+    dim: int = 64
+    rows: int = 8
+
+
+def emulated_layer_costs(config: EmulatedHeavyEnds = EmulatedHeavyEnds()) -> list:
+    """The :class:`~dualpipe_plugin.runtime.emulate.EmulatedCosts` of each layer: heavy, light x blocks, heavy."""
+    from dualpipe_plugin.runtime.emulate import EmulatedCosts
+
+    light = EmulatedCosts(config.forward_ms / 1e3, config.input_grad_ms / 1e3, config.weight_grad_ms / 1e3)
+    heavy = EmulatedCosts(light.forward_s * config.end_factor, light.input_grad_s * config.end_factor,
+                          light.weight_grad_s * config.end_factor)
+    return [heavy] + [light] * config.blocks + [heavy]
+
+
+def emulated_heavy_ends(config: EmulatedHeavyEnds = EmulatedHeavyEnds()) -> list:
+    """``blocks + 2`` emulated layers (seed 0): heavy, ``blocks`` light, heavy."""
+    from dualpipe_plugin.runtime.emulate import EmulatedLayer
+
+    state = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    try:
+        return [EmulatedLayer(config.dim, costs) for costs in emulated_layer_costs(config)]
+    finally:
+        torch.random.set_rng_state(state)
+
+
+def mse_loss(output, target):
+    return (output - target).pow(2).mean()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,7 +89,7 @@ class PlannedRun:
 def model_layers(name: str) -> tuple[list, Any]:
     """(layers, profile target) of a named model (the target profiles the same layers)."""
     from dualpipe_plugin.planner.profile import ProfileTarget
-    from dualpipe_plugin.reference import heavy_ends
+    from dualpipe_plugin.planner.targets import heavy_ends
 
     if name == "uniform8":
         from dualpipe_plugin.runtime.emulate import EmulatedCosts, EmulatedLayer
@@ -51,13 +97,17 @@ def model_layers(name: str) -> tuple[list, Any]:
         torch.manual_seed(0)
         layers = [EmulatedLayer(64, EmulatedCosts(0.010, 0.010, 0.010)) for _ in range(8)]
         x, y = _dense_batch(1, 8, 64)
-        return layers, ProfileTarget.from_layers(layers, x, loss=partial(heavy_ends.mse_loss, target=y),
+        return layers, ProfileTarget.from_layers(layers, x, loss=partial(mse_loss, target=y),
                                                  model="8 emulated layers, F = I = W = 10 ms")
     if name == "emulated_heavy":
-        target = heavy_ends.emulated_profile_target()
-        return list(target.layers), target
+        config = EmulatedHeavyEnds()
+        layers = emulated_heavy_ends(config)
+        x, y = _dense_batch(1, config.rows, config.dim)
+        return layers, ProfileTarget.from_layers(
+            layers, x, loss=partial(mse_loss, target=y),
+            model=f"emulated heavy-ends model ({config.blocks} blocks, ends x{config.end_factor:g})")
     if name == "heavy":
-        target = heavy_ends.profile_target()
+        target = heavy_ends()
         return list(target.layers), target
     raise ValueError(f"unknown model {name!r}; one of {', '.join(MODELS)}")
 
@@ -75,7 +125,7 @@ def _batch_and_loss(name: str, microbatches: int):
         config = heavy_ends.HeavyEnds()
         return heavy_ends.batch(config, microbatches), heavy_ends.lm_loss
     rows = 8
-    return _dense_batch(microbatches, rows, 64), heavy_ends.mse_loss
+    return _dense_batch(microbatches, rows, 64), mse_loss
 
 
 def _timed(step, warmup: int, steps: int) -> list[tuple[float, float]]:
@@ -139,6 +189,114 @@ def _measure_memory(pipe, chunks, x, y, run: PlannedRun) -> dict:
         "activations": meter.peak,
         "left_after_step": meter.live,
     }
+
+
+# ------------------------------------------------------------------------ the same cut through the frameworks
+
+
+def run_planned_deepspeed_rank(rank: int, world_size: int, run: PlannedRun) -> dict:
+    """The emulated heavy-ends model as a DeepSpeed ``PipelineModule`` of ``LayerSpec(EmulatedLayer)``, our
+    engine with ``"partition_method": "boundaries:..."`` (the plan's cut); a step is one ``train_batch``
+    (SGD, fp32, ZeRO off: DeepSpeed's reductions and optimizer step included)."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # no 20 s JIT build of an unused op
+    import deepspeed
+    from deepspeed.pipe import LayerSpec, PipelineModule
+
+    import dualpipe_plugin.deepspeed  # noqa: F401  (our engine)
+    from dualpipe_plugin.runtime.emulate import EmulatedLayer
+
+    if run.model != "emulated_heavy":
+        raise ValueError("the DeepSpeed run builds the emulated heavy-ends model only")
+    deepspeed.init_distributed(dist_backend="gloo")
+    config = EmulatedHeavyEnds()
+    torch.manual_seed(0)
+    specs = [LayerSpec(EmulatedLayer, config.dim, costs) for costs in emulated_layer_costs(config)]
+    model = PipelineModule(layers=specs, num_stages=world_size, loss_fn=mse_loss, partition_method="uniform")
+    bounds = run.boundaries or None
+    method = "boundaries:" + ",".join(map(str, bounds)) if bounds else "uniform"
+    ds_config = {
+        "train_micro_batch_size_per_gpu": config.rows, "gradient_accumulation_steps": run.microbatches,
+        "train_batch_size": config.rows * run.microbatches, "optimizer": {"type": "SGD", "params": {"lr": 1e-3}},
+        "steps_per_print": 10**9, "wall_clock_breakdown": False,
+        "pipeline": {"schedule": run.schedule, "partition_method": method, "timeout_s": run.timeout_s},
+    }
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+    x, y = _dense_batch(run.microbatches, config.rows, config.dim)
+    micro_batches = list(zip(x.split(config.rows), y.split(config.rows)))
+    spans = _timed(lambda last: engine.train_batch(iter(micro_batches)), run.warmup, run.steps)
+    return {"spans": spans, "parts": list(engine.module.parts)}
+
+
+def _megatron_loss(target, output):
+    loss = (output - target).pow(2).mean()
+    return loss, {"loss": loss.detach()}
+
+
+def _megatron_forward_step(data_iterator, model):
+    x, y = next(data_iterator)
+    return model(x), partial(_megatron_loss, y)
+
+
+def run_planned_megatron_rank(rank: int, world_size: int, run: PlannedRun) -> dict:
+    """The emulated heavy-ends model as Megatron chunks (each profiled layer counted as one transformer layer),
+    the plan's cut given as ``configure_model_config(config, NAME, stage_layers=...)`` and read back through
+    the plugin's placement; a step is one call of the plugin's ``get_forward_backward_func()``."""
+    from megatron.core import parallel_state
+    from megatron.core.transformer import TransformerConfig
+
+    from dualpipe_plugin.bench.megatron_chunk import emulated_megatron_chunk_class
+    from dualpipe_plugin.megatron import (
+        build_model_chunks, configure_model_config, enable_cpu_mode, get_forward_backward_func,
+    )
+    from dualpipe_plugin.megatron.placement import placement_of
+
+    if run.model != "emulated_heavy":
+        raise ValueError("the Megatron run builds the emulated heavy-ends model only")
+    model_config = EmulatedHeavyEnds()
+    layers = emulated_heavy_ends(model_config)
+    with enable_cpu_mode():
+        parallel_state.initialize_model_parallel(pipeline_model_parallel_size=world_size)
+        try:
+            config = TransformerConfig(
+                num_layers=len(layers), hidden_size=model_config.dim, num_attention_heads=4,
+                pipeline_model_parallel_size=world_size, params_dtype=torch.float32, pipeline_dtype=torch.float32,
+                use_cpu_initialization=True, batch_p2p_comm=False, overlap_p2p_comm=False,
+                deallocate_pipeline_outputs=False,
+            )
+            bounds = run.boundaries
+            counts = tuple(b - a for a, b in zip(bounds, bounds[1:])) if bounds else None
+            configure_model_config(config, run.schedule, stage_layers=counts, timeout_s=run.timeout_s)
+            placement = placement_of(config)
+            pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+            chunk_class = emulated_megatron_chunk_class()
+
+            def provider(pre_process, post_process, vp_stage=None):
+                where = placement.chunk(pp_rank, vp_stage)
+                mine = layers[where.layer_offset:where.layer_offset + where.num_layers]
+                return chunk_class(config, mine, pre_process=pre_process, post_process=post_process)
+
+            chunks = build_model_chunks(provider, config)
+            forward_backward = get_forward_backward_func()
+            x, y = _dense_batch(run.microbatches, model_config.rows, model_config.dim)
+            rows = model_config.rows
+            micro_batches = [(a.unsqueeze(1), b.unsqueeze(1)) for a, b in zip(x.split(rows), y.split(rows))]
+
+            def step(last: bool) -> None:
+                for chunk in chunks:
+                    chunk.zero_grad(set_to_none=True)
+                forward_backward(
+                    forward_step_func=_megatron_forward_step, data_iterator=[iter(micro_batches) for _ in chunks],
+                    model=chunks, num_microbatches=run.microbatches, seq_length=rows, micro_batch_size=1,
+                    forward_only=False,
+                )
+
+            spans = _timed(step, run.warmup, run.steps)
+            held = [(c.layer_offset, c.num_layers) for c in placement.chunks(pp_rank)]
+            return {"spans": spans, "held": held}
+        finally:
+            parallel_state.destroy_model_parallel()
 
 
 # ------------------------------------------------------------------------------------------ MoE, P x EP

@@ -24,7 +24,7 @@ __all__ = ["add_arguments", "run", "load_target"]
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, metavar="MODULE:CALLABLE",
                         help="a function returning a dualpipe_plugin.planner.ProfileTarget, e.g. "
-                             "dualpipe_plugin.reference.heavy_ends:profile_target")
+                             "dualpipe_plugin.planner.targets:heavy_ends")
     parser.add_argument("--out", default="costs.json", help="the cost file to write (default costs.json)")
     parser.add_argument("--ranks", type=int, default=0,
                         help="outside torchrun: measure the P2P hop on this many local gloo processes (>= 2)")
@@ -40,7 +40,7 @@ def load_target(spec: str):
 
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
-        raise UsageError(f"--model {spec!r}: write MODULE:CALLABLE, e.g. dualpipe_plugin.reference.heavy_ends:"
+        raise UsageError(f"--model {spec!r}: write MODULE:CALLABLE, e.g. dualpipe_plugin.planner.targets:"
                          f"profile_target")
     try:
         module = importlib.import_module(module_name)

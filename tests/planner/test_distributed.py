@@ -25,7 +25,7 @@ def test_the_link_probe_measures_a_hop_on_local_processes():
 def _profile_command_rank(rank: int, world_size: int, out: str) -> int:
     from dualpipe_plugin.cli import main
 
-    return main(["profile", "--model", "dualpipe_plugin.reference.heavy_ends:profile_target", "--out", out,
+    return main(["profile", "--model", "dualpipe_plugin.planner.targets:heavy_ends", "--out", out,
                  "--repeats", "1", "--warmup", "0", "--no-overhead"])
 
 

@@ -109,7 +109,7 @@ def test_bad_targets_are_refused(kwargs, match):
 
 def test_the_profile_command_writes_the_file(tmp_path, capsys):
     out = tmp_path / "costs.json"
-    model = "dualpipe_plugin.reference.heavy_ends:profile_target"
+    model = "dualpipe_plugin.planner.targets:heavy_ends"
     assert main(["profile", "--model", model, "--out", str(out), "--repeats", "1", "--warmup", "0",
                  "--no-overhead"]) == 0
     assert "wrote" in capsys.readouterr().out
