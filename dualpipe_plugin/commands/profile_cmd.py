@@ -41,7 +41,7 @@ def load_target(spec: str):
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise UsageError(f"--model {spec!r}: write MODULE:CALLABLE, e.g. dualpipe_plugin.planner.targets:"
-                         f"profile_target")
+                         f"heavy_ends")
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
