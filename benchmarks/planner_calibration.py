@@ -61,14 +61,14 @@ def emulated(args) -> dict:
     from dualpipe_plugin.planner.link import measure_link_locally
     from dualpipe_plugin.planner.profile import profile_model
     from dualpipe_plugin.schedules import CostModel, build_schedule, simulate
-    from dualpipe_plugin.schedules.cuts import StageSlicer, uniform_bounds
-    from dualpipe_plugin.schedules.plan import cost_model_of, profile_units
+    from dualpipe_plugin.schedules.cuts import uniform_bounds
+    from dualpipe_plugin.schedules.plan import cost_model_of, profile_slicer
     from dualpipe_plugin.schedules.render import write_side_by_side_png
 
     ranks, microbatches = 4, 16
     _, target = model_layers("uniform8")
     profile = profile_model(target).with_link(measure_link_locally(ranks))
-    slicer = StageSlicer(profile_units(profile))
+    slicer = profile_slicer(profile)
     rows = {}
     for name in (*GOAL_SCHEDULES, "zbv"):
         schedule = build_schedule(name, ranks, microbatches)
@@ -103,14 +103,14 @@ def moe(args) -> dict:
     from dualpipe_plugin.planner.link import measure_link_locally
     from dualpipe_plugin.schedules import build_schedule, simulate
     from dualpipe_plugin.schedules.cost_file import CostProfile
-    from dualpipe_plugin.schedules.cuts import StageSlicer, uniform_bounds
-    from dualpipe_plugin.schedules.plan import cost_model_of, profile_units
+    from dualpipe_plugin.schedules.cuts import uniform_bounds
+    from dualpipe_plugin.schedules.plan import cost_model_of, profile_slicer
 
     ranks, ep = 2, 2
     base = MoERun(ranks=ranks, steps=args.steps)
     profile = CostProfile.from_dict(run_local(moe_profile_rank, ep, (base,), timeout_s=600)[0])
     profile = profile.with_link(measure_link_locally(ranks))
-    slicer = StageSlicer(profile_units(profile))
+    slicer = profile_slicer(profile)
     rows = {}
     for name in GOAL_SCHEDULES:
         schedule = build_schedule(name, ranks, base.microbatches)

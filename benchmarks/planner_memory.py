@@ -40,13 +40,13 @@ def main() -> int:
     from dualpipe_plugin.launch import run_local
     from dualpipe_plugin.planner.profile import profile_model
     from dualpipe_plugin.schedules import build_schedule, schedule_names
-    from dualpipe_plugin.schedules.cuts import StageSlicer, search_cuts
+    from dualpipe_plugin.schedules.cuts import search_cuts
     from dualpipe_plugin.schedules.memory_plot import write_memory_png
-    from dualpipe_plugin.schedules.plan import profile_units
+    from dualpipe_plugin.schedules.plan import profile_slicer
 
     _, target = model_layers("heavy")
     profile = profile_model(target, overhead_microbatches=0)
-    slicer = StageSlicer(profile_units(profile))
+    slicer = profile_slicer(profile)
     result = {"benchmark": "planner_memory", "machine": machine_facts(), "load_before": list(os.getloadavg()),
               "ranks": args.ranks, "microbatches": args.microbatches, "profile": profile.to_dict(), "schedules": {}}
     worst = 0.0

@@ -90,8 +90,8 @@ def run(args: argparse.Namespace) -> int:
     link = costs.link
     hop = (f"hop {link.latency_ms:.3f} ms" + (f", {link.bandwidth_bytes_per_s / 1e9:.2f} GB/s"
                                                if link.bandwidth_bytes_per_s else "")) if link.measured else link.note
-    print(f"wrote {out}: {len(costs.layers)} layers, runtime overhead {costs.runtime.action_overhead_ms:.3f} ms per "
-          f"action; {hop}")
+    overhead = ", ".join(f"{kind} {value:.3f}" for kind, value in zip("FIWB", costs.runtime.overhead))
+    print(f"wrote {out}: {len(costs.layers)} layers; runtime overhead per action (ms): {overhead}; {hop}")
     return 0
 
 

@@ -1,17 +1,18 @@
 """The runtime's own time per action on this machine: what the executor adds around the layers' work.
 
 The profiler times each layer alone. In a pipeline every action also pays the executor's loop, its
-bookkeeping and the first instructions after a wait (slow on a CPU whose cores idled: caches gone cold).
+bookkeeping and the first instructions after a wait or a sleep (slow on a CPU whose cores idled: caches
+gone cold), and that differs by op kind (a ``W`` runs the deferred closures, an ``I`` captures them).
 :func:`measure_action_overhead` runs the real :class:`~dualpipe_plugin.runtime.pipeline.DualPipeline` on
-this process as a one-rank 1F1B pipeline over the profiled layers (no transfers: a pipeline of one rank
-has none) and charges what the step takes beyond the layers' profiled F and B to its actions evenly.
-Transfers are the link's part (:mod:`~dualpipe_plugin.planner.link`).
+this process as one-rank pipelines over the profiled layers, 1F1B (F, B actions) and ZB1P (F, I, W), with
+the executor's own record of each action (no transfers: a pipeline of one rank has none). An action's
+overhead is its recorded span plus the loop's time before it, less the layers' profiled time for that
+op; the median per kind is kept. Transfers are the link's part (:mod:`~dualpipe_plugin.planner.link`).
 """
 
 from __future__ import annotations
 
 import statistics
-import time
 from typing import Any, Callable, Sequence
 
 import torch
@@ -19,7 +20,7 @@ from torch import nn
 
 from dualpipe_plugin.runtime.errors import PipelineConfigError
 from dualpipe_plugin.runtime.pipeline import DualPipeline
-from dualpipe_plugin.schedules.cost_file import LayerCost
+from dualpipe_plugin.schedules.cost_file import LayerCost, Runtime
 
 __all__ = ["measure_action_overhead"]
 
@@ -66,6 +67,17 @@ def _batch(inputs: Any, copies: int) -> Any:
     return tuple(torch.cat([t] * copies) for t in inputs)
 
 
+def _excess_per_kind(timeline: list, layer_time: dict[str, float]) -> dict[str, list[float]]:
+    excess: dict[str, list[float]] = {}
+    previous_end = None
+    for action, start, end in timeline:
+        kind = str(action)[0]
+        gap = start - previous_end if previous_end is not None else 0.0
+        excess.setdefault(kind, []).append(end - start + gap - layer_time[kind])
+        previous_end = end
+    return excess
+
+
 def measure_action_overhead(
     layers: Sequence[Any],
     inputs: Any,
@@ -75,8 +87,8 @@ def measure_action_overhead(
     microbatches: int = 8,
     steps: int = 3,
     warmup: int = 1,
-) -> float:
-    """Milliseconds the executor adds to each action (>= 0), from a one-rank 1F1B run (module docstring)."""
+) -> Runtime:
+    """Milliseconds the executor adds to each action of each kind (>= 0; see the module docstring)."""
     row = _Row(layers)
     device = next((p.device for p in row.parameters()), torch.device("cpu"))
     labels = torch.zeros(microbatches, device=device)
@@ -88,18 +100,23 @@ def measure_action_overhead(
             return loss(output)
         return sum(t.float().mean() for t in outputs if t.is_floating_point())
 
-    pipe = DualPipeline([row], "1f1b", loss_fn=loss_fn, transport=_SoloTransport(device))
+    layer_time = {
+        "F": sum(c.forward_ms for c in costs), "B": sum(c.backward_ms for c in costs),
+        "I": sum(c.input_grad_ms for c in costs), "W": sum(c.weight_grad_ms for c in costs),
+    }
     batch = _batch(inputs, microbatches)
-    spent = []
-    try:
-        for step in range(warmup + steps):
+    excess: dict[str, list[float]] = {}
+    for schedule in ("1f1b", "zb1p"):
+        pipe = DualPipeline([row], schedule, loss_fn=loss_fn, transport=_SoloTransport(device), overlap=False)
+        try:
+            for step in range(warmup + steps):
+                row.zero_grad(set_to_none=True)
+                result = pipe.step(batch, labels, num_microbatches=microbatches, reduce_loss=False,
+                                   record=step >= warmup)
+                for kind, values in _excess_per_kind(result.timeline, layer_time).items():
+                    excess.setdefault(kind, []).extend(values)
+        finally:
+            pipe.close()
             row.zero_grad(set_to_none=True)
-            started = time.perf_counter()
-            pipe.step(batch, labels, num_microbatches=microbatches, reduce_loss=False)
-            if step >= warmup:
-                spent.append((time.perf_counter() - started) * 1e3)
-    finally:
-        pipe.close()
-        row.zero_grad(set_to_none=True)
-    work = microbatches * sum(c.forward_ms + c.backward_ms for c in costs)
-    return max(0.0, (statistics.median(spent) - work) / (2 * microbatches))
+    overhead = {kind: max(0.0, statistics.median(excess[kind])) for kind in "FIWB"}
+    return Runtime(**overhead)

@@ -93,7 +93,7 @@ def profile_model(
     link: LinkCost | None = None,
 ) -> CostProfile:
     """Profile ``target`` on this process (see the module docstring): every layer's times and bytes, and the
-    runtime's overhead per action (``overhead_microbatches=0`` skips it). ``link`` goes into the file as
+    runtime's overhead per action of each kind (``overhead_microbatches=0`` skips it). ``link`` goes into the file as
     given (default: not measured, zero, with a note saying how to measure it)."""
     if repeats < 1 or warmup < 0:
         raise ValueError(f"profile needs repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
@@ -103,16 +103,16 @@ def profile_model(
     )
     if target.attach is not None:
         costs = [LayerCost(**{**_fields(cost), "attach": attach}) for cost, attach in zip(costs, target.attach)]
-    overhead = 0.0
+    runtime = Runtime()
     if overhead_microbatches:
-        overhead = measure_action_overhead(target.layers, target.inputs, costs, loss=target.loss,
-                                           microbatches=overhead_microbatches)
+        runtime = measure_action_overhead(target.layers, target.inputs, costs, loss=target.loss,
+                                          microbatches=overhead_microbatches)
     shapes = [list(t.shape) for t in _tensors(target.inputs)]
     dtypes = [str(t.dtype).replace("torch.", "") for t in _tensors(target.inputs)]
     return CostProfile(
         layers=tuple(costs), source=target.source, model=target.model,
         microbatch={"inputs": shapes, "dtype": dtypes},
-        runtime=Runtime(action_overhead_ms=overhead),
+        runtime=runtime,
         link=link or LinkCost(note="not measured (not run under torch.distributed): edit latency_ms and "
                                    "bandwidth_bytes_per_s, or run dualpipe-plugin profile with --ranks / torchrun"),
         extra={"machine": _machine(), "repeats": repeats},

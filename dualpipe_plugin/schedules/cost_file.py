@@ -20,7 +20,8 @@ One file, one model at one micro-batch shape. Times in milliseconds, sizes in by
          "param_bytes": 16640, "grad_bytes": 16640, "optimizer_bytes": 33280,
          "attach": null}                   # "next"/"previous": never cut from that neighbour
       ],
-      "runtime": {"action_overhead_ms": 0.3,    # the executor's own time per op on this machine
+      "runtime": {"overhead_ms": {"F": 0.2, "I": 0.4, "W": 0.5, "B": 0.4},  # the executor's own time
+                                                # per action of each kind on this machine
                   "pair_factor": 1.0},          # an F&B pair lasts pair_factor * (F + B)
       "link": {"latency_ms": 0.4, "bandwidth_bytes_per_s": 2.5e9,   # one P2P hop of the pipeline group
                "measured": true, "note": "..."}
@@ -102,8 +103,21 @@ class LayerCost:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Runtime:
-    action_overhead_ms: float = 0.0
+    """What the pipeline runtime adds on this machine, per action, beyond the layers' own time (ms)."""
+
+    F: float = 0.0
+    I: float = 0.0  # noqa: E741
+    W: float = 0.0
+    B: float = 0.0
     pair_factor: float = 1.0
+
+    @property
+    def overhead(self) -> tuple[float, float, float, float]:
+        """(F, I, W, B) overheads, the order :class:`~dualpipe_plugin.schedules.cuts.StageSlicer` takes."""
+        return (self.F, self.I, self.W, self.B)
+
+    def to_dict(self) -> dict:
+        return {"overhead_ms": {"F": self.F, "I": self.I, "W": self.W, "B": self.B}, "pair_factor": self.pair_factor}
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -158,7 +172,7 @@ class CostProfile:
             "format": FORMAT, "version": VERSION, "source": self.source, "model": self.model,
             "microbatch": self.microbatch, "time_unit": "ms", "size_unit": "bytes",
             "layers": [asdict(layer) for layer in self.layers],
-            "runtime": asdict(self.runtime), "link": asdict(self.link),
+            "runtime": self.runtime.to_dict(), "link": asdict(self.link),
         })
         return data
 
@@ -191,6 +205,9 @@ class CostProfile:
         if not isinstance(runtime, dict) or not isinstance(link, dict):
             raise CostModelError(f"{where}.runtime and {where}.link must be objects")
         pair_factor = _number(f"{where}.runtime", "pair_factor", runtime.get("pair_factor", 1.0))
+        overhead = runtime.get("overhead_ms") or {}
+        if not isinstance(overhead, dict):
+            raise CostModelError(f"{where}.runtime.overhead_ms must be an object with F, I, W and B in ms")
         known = {"format", "version", "source", "model", "microbatch", "time_unit", "size_unit", "layers", "runtime",
                  "link"}
         return cls(
@@ -199,8 +216,7 @@ class CostProfile:
             model=str(data.get("model", "")),
             microbatch=data.get("microbatch") or {},
             runtime=Runtime(
-                action_overhead_ms=_number(f"{where}.runtime", "action_overhead_ms",
-                                           runtime.get("action_overhead_ms", 0.0)),
+                **{kind: _number(f"{where}.runtime.overhead_ms", kind, overhead.get(kind, 0.0)) for kind in "FIWB"},
                 pair_factor=pair_factor,
             ),
             link=LinkCost(

@@ -53,14 +53,18 @@ def _prefix(values: Sequence[float]) -> list[float]:
 
 
 class StageSlicer:
-    """Stage figures of any contiguous slice of the units in O(1) (prefix sums)."""
+    """Stage figures of any contiguous slice of the units in O(1) (prefix sums).
+
+    ``overhead`` is the runtime's own time per action of each kind (F, I, W, B), added once to each
+    stage's op cost (an action runs a whole stage, however many units it holds)."""
 
     _FIELDS = ("F", "I", "W", "B", "activation", "w_store", "params", "grads", "optimizer")
 
-    def __init__(self, units: Sequence[Unit]):
+    def __init__(self, units: Sequence[Unit], overhead: Sequence[float] = (0.0, 0.0, 0.0, 0.0)):
         if not units:
             raise CostModelError("no units to cut; profile a model with at least one layer")
         self.units = tuple(units)
+        self.overhead = dict(zip(("F", "I", "W", "B"), overhead))
         self._sums = {name: _prefix([getattr(u, name) for u in units]) for name in self._FIELDS}
         shared = [0.0] + [min(units[i - 1].saves_output, units[i].saves_input) for i in range(1, len(units))]
         self._shared = _prefix(shared)
@@ -76,9 +80,13 @@ class StageSlicer:
         """Saved bytes of units [start, stop): each unit's, less what neighbours inside the slice share."""
         return self.total("activation", start, stop) - (self._shared[stop] - self._shared[start + 1])
 
+    def op_time(self, kind: str, start: int, stop: int) -> float:
+        """One action of ``kind`` ("F", "I", "W" or "B") running units [start, stop), overhead included."""
+        return self.total(kind, start, stop) + self.overhead[kind]
+
     def stage_cost(self, start: int, stop: int) -> StageCost:
-        return StageCost(F=self.total("F", start, stop), I=self.total("I", start, stop),
-                         W=self.total("W", start, stop), B=self.total("B", start, stop))
+        return StageCost(F=self.op_time("F", start, stop), I=self.op_time("I", start, stop),
+                         W=self.op_time("W", start, stop), B=self.op_time("B", start, stop))
 
     def stage_memory(self, start: int, stop: int) -> StageMemory:
         return StageMemory(params=self.total("params", start, stop), grads=self.total("grads", start, stop),
@@ -154,7 +162,8 @@ class _Search:
         self.n = n = len(slicer)
         units = slicer.units
         # Per field, the least any one unit of units[l:r] has: what an open stage costs at least.
-        values = {name: [getattr(u, name) for u in units] for name in (*self._OPS, "activation", "w_store", "output")}
+        values = {name: [getattr(u, name) for u in units] for name in ("activation", "w_store", "output")}
+        values.update({name: [getattr(u, name) + slicer.overhead[name] for u in units] for name in self._OPS})
         values["static"] = [u.params + u.grads + u.optimizer * share for u in units]
         values["activation_local"] = [u.activation - u.saves_input for u in units]
         self.floor = {name: _range_min(column) for name, column in values.items()}
@@ -187,8 +196,9 @@ class _Search:
     # -- evaluation ------------------------------------------------------------------------------------
     def _set_stage(self, stage: int, start: int, stop: int) -> None:
         slicer, arrays = self.slicer, self.arrays
-        for name in (*self._OPS, "w_store"):
-            arrays[name][stage] = slicer.total(name, start, stop)
+        for name in self._OPS:
+            arrays[name][stage] = slicer.op_time(name, start, stop)
+        arrays["w_store"][stage] = slicer.total("w_store", start, stop)
         arrays["activation"][stage] = slicer.activation(start, stop)
         arrays["activation_local"][stage] = arrays["activation"][stage] - slicer.units[start].saves_input
         arrays["static"][stage] = (slicer.total("params", start, stop) + slicer.total("grads", start, stop)

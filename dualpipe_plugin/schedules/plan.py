@@ -23,12 +23,12 @@ from typing import Sequence
 from dualpipe_plugin.schedules.cost_file import CostProfile, LayerCost
 from dualpipe_plugin.schedules.cuts import CutResult, StageSlicer, Unit, search_cuts, uniform_bounds
 from dualpipe_plugin.schedules.errors import CostModelError, ScheduleConfigError
-from dualpipe_plugin.schedules.memory import OptimizerSharding, estimate_memory
+from dualpipe_plugin.schedules.memory import OptimizerSharding
 from dualpipe_plugin.schedules.registry import get_schedule, schedule_names
 from dualpipe_plugin.schedules.simulate import simulate
 
 __all__ = ["PlanCandidate", "Plan", "plan", "profile_units", "format_bytes", "parse_bytes", "megatron_layout",
-           "cost_model_of"]
+           "cost_model_of", "profile_slicer"]
 
 _UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12,
           "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
@@ -190,10 +190,15 @@ def _uniform_time(schedule, slicer: StageSlicer, profile: CostProfile) -> float:
     return simulate(schedule, cost_model_of(profile, slicer, bounds)).makespan
 
 
+def profile_slicer(profile: CostProfile) -> StageSlicer:
+    """The units of a profile, with its runtime overhead per action kind."""
+    return StageSlicer(profile_units(profile), overhead=profile.runtime.overhead)
+
+
 def cost_model_of(profile: CostProfile, slicer: StageSlicer, bounds: Sequence[int]):
-    """The :class:`~dualpipe_plugin.schedules.stage_costs.StageCostModel` of a cut of a profile."""
-    return slicer.cost_model(bounds, link=profile.link.link(), overhead=profile.runtime.action_overhead_ms,
-                             pair_factor=profile.runtime.pair_factor)
+    """The :class:`~dualpipe_plugin.schedules.stage_costs.StageCostModel` of a cut of a profile (``slicer``:
+    :func:`profile_slicer`)."""
+    return slicer.cost_model(bounds, link=profile.link.link(), pair_factor=profile.runtime.pair_factor)
 
 
 def plan(
@@ -213,7 +218,7 @@ def plan(
         raise ScheduleConfigError("plan needs at least one micro-batch count to try")
     if memory_cap is not None and not (math.isfinite(memory_cap) and memory_cap > 0):
         raise CostModelError(f"memory cap must be a positive, finite number of bytes, got {memory_cap}")
-    slicer = StageSlicer(profile_units(profile))
+    slicer = profile_slicer(profile)
     link = profile.link.link()
     candidates = []
     for name in schedules or schedule_names():
@@ -231,8 +236,7 @@ def plan(
                     f"needs {num_stages} stages but the profile has {len(slicer)} cuttable units"))
                 continue
             schedule = spec.build(ranks, count)
-            result = search_cuts(schedule, slicer, link=link, overhead=profile.runtime.action_overhead_ms,
-                                 pair_factor=profile.runtime.pair_factor, sharding=sharding,
+            result = search_cuts(schedule, slicer, link=link, pair_factor=profile.runtime.pair_factor, sharding=sharding,
                                  memory_cap=memory_cap, max_nodes=max_nodes)
             uniform = _uniform_time(schedule, slicer, profile)
             reason = "" if result is not None else f"no cut fits the memory cap of {format_bytes(memory_cap)}"
@@ -242,9 +246,3 @@ def plan(
     return Plan(profile, ranks, memory_cap, sharding, tuple(ranking))
 
 
-def uniform_memory(profile: CostProfile, schedule, sharding: OptimizerSharding = OptimizerSharding()):
-    """Per-rank memory of the uniform cut (for comparisons)."""
-    slicer = StageSlicer(profile_units(profile))
-    bounds = uniform_bounds(len(slicer), schedule.placement.num_stages)
-    return estimate_memory(schedule, slicer.memory(bounds), boundary_bytes=slicer.boundary_bytes(bounds),
-                           sharding=sharding)

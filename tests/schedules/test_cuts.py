@@ -90,6 +90,8 @@ def test_a_slice_sums_its_units_and_counts_shared_saves_once():
     cost = slicer.stage_cost(0, 2)
     assert (cost.F, cost.I, cost.W, cost.backward) == (2, 4, 6, 10)
     assert slicer.boundary_bytes((0, 1, 2)) == (7,)
+    with_overhead = StageSlicer(units, overhead=(0.1, 0.2, 0.3, 0.4)).stage_cost(0, 2)  # once per action
+    assert (with_overhead.F, with_overhead.I, with_overhead.W, with_overhead.backward) == (2.1, 4.2, 6.3, 10.4)
     assert uniform_bounds(7, 3) == (0, 3, 5, 7)
 
 

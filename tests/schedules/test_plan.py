@@ -23,7 +23,7 @@ def heavy_ends(source="layers", blocks=10) -> CostProfile:
     layers = [_layer("embedding", 3.0, attach=attach[0])] + [_layer(f"block {i}", 1.0) for i in range(blocks)]
     layers.append(_layer("head", 3.0, attach=attach[1]))
     return CostProfile(layers=tuple(layers), source=source, model="heavy ends",
-                       runtime=Runtime(action_overhead_ms=0.05), link=LinkCost(latency_ms=0.2, measured=True))
+                       runtime=Runtime(F=0.05, I=0.06, W=0.07, B=0.08), link=LinkCost(latency_ms=0.2, measured=True))
 
 
 def test_the_cost_file_round_trips_and_keeps_unknown_keys(tmp_path):
