@@ -112,3 +112,15 @@ def test_stage_layers_that_do_not_fit_are_refused(megatron_core, schedule, count
         assert getattr(config, "pipeline_stage_layers", None) is None  # nothing half-applied
     finally:
         remove_placement_hooks()
+
+
+@pytest.mark.megatron
+def test_megatrons_own_uneven_counts_point_to_stage_layers(megatron_core):
+    from dualpipe_plugin.megatron import MegatronScheduleError, configure_model_config
+
+    config = _config()
+    object.__setattr__(config, "num_layers_in_first_pipeline_stage", 2)  # set after Megatron's own checks
+    with pytest.raises(MegatronScheduleError, match=r"dualpipev does not support uneven first-stage layer counts "
+                                                    r"\(num_layers_in_first_pipeline_stage\): give every stage's "
+                                                    r"count as configure_model_config\(\.\.\., stage_layers=\.\.\.\)"):
+        configure_model_config(config, "dualpipev")
