@@ -11,8 +11,9 @@
    run uses, and the real pipeline runs on 4 gloo processes: ``measured / simulated``. Next to it, the
    simulator as before this planner (nominal per-chunk costs, free hops).
 2. **The reference MoE model, P = 2** (x EP = 2: 4 processes; 4 blocks with emulated compute and real
-   all-to-alls, as ``bench compare``'s MoE entries, overlap off). Profiled by both processes of an EP
-   group in lock step (the blocks' all-to-alls need the peer), then the same comparison.
+   all-to-alls, as ``bench compare``'s MoE entries, overlap off). Profiled by all 4 processes, the two of
+   each EP group in lock step (the blocks' all-to-alls need the peer; the box as busy as in the run), then
+   the same comparison.
 
 The dualpipev run of part 1 also draws ``docs/planner_timeline.png``: the measured timeline (the
 executor's record of the last step) under the simulated one for the same costs. Results go to
@@ -108,7 +109,7 @@ def moe(args) -> dict:
 
     ranks, ep = 2, 2
     base = MoERun(ranks=ranks, steps=args.steps)
-    profile = CostProfile.from_dict(run_local(moe_profile_rank, ep, (base,), timeout_s=600)[0])
+    profile = CostProfile.from_dict(run_local(moe_profile_rank, ranks * ep, (base,), timeout_s=600)[0])
     profile = profile.with_link(measure_link_locally(ranks))
     slicer = profile_slicer(profile)
     rows = {}

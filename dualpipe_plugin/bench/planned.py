@@ -128,6 +128,23 @@ def _batch_and_loss(name: str, microbatches: int):
     return _dense_batch(microbatches, rows, 64), mse_loss
 
 
+def _pipeline_step(pipe, chunks, inputs, labels, microbatches: int, record: bool, report: dict):
+    """``step(last)`` for :func:`_timed`: one pipeline step; with ``record`` the last one's timeline (and this
+    rank's start, to put every rank on one clock) goes into ``report``."""
+
+    def step(last: bool) -> None:
+        for chunk in chunks:
+            chunk.zero_grad(set_to_none=True)
+        started = time.perf_counter()
+        result = pipe.step(inputs if pipe.needs_inputs() else None, labels if pipe.needs_labels() else None,
+                           num_microbatches=microbatches, reduce_loss=False, record=record and last)
+        if record and last:
+            report["timeline"] = [(str(action), start, end) for action, start, end in result.timeline]
+            report["started"] = started
+
+    return step
+
+
 def _timed(step, warmup: int, steps: int) -> list[tuple[float, float]]:
     spans = []
     for index in range(warmup + steps):
@@ -149,17 +166,7 @@ def run_planned_rank(rank: int, world_size: int, run: PlannedRun) -> dict:
     (x, y), loss_fn = _batch_and_loss(run.model, run.microbatches)
     pipe = DualPipeline(chunks, run.schedule, loss_fn=loss_fn, timeout_s=run.timeout_s, overlap=False)
     report: dict = {}
-
-    def step(last: bool) -> None:
-        for chunk in chunks:
-            chunk.zero_grad(set_to_none=True)
-        started = time.perf_counter()
-        result = pipe.step(x if pipe.needs_inputs() else None, y if pipe.needs_labels() else None,
-                           num_microbatches=run.microbatches, reduce_loss=False, record=run.record and last)
-        if run.record and last:
-            report["timeline"] = [(str(action), start, end) for action, start, end in result.timeline]
-            report["started"] = started
-
+    step = _pipeline_step(pipe, chunks, x, y, run.microbatches, run.record, report)
     report["spans"] = _timed(step, run.warmup, run.steps)
     if run.memory:
         report["memory"] = _measure_memory(pipe, chunks, x, y, run)
@@ -229,16 +236,6 @@ def run_planned_deepspeed_rank(rank: int, world_size: int, run: PlannedRun) -> d
     return {"spans": spans, "parts": list(engine.module.parts)}
 
 
-def _megatron_loss(target, output):
-    loss = (output - target).pow(2).mean()
-    return loss, {"loss": loss.detach()}
-
-
-def _megatron_forward_step(data_iterator, model):
-    x, y = next(data_iterator)
-    return model(x), partial(_megatron_loss, y)
-
-
 def run_planned_megatron_rank(rank: int, world_size: int, run: PlannedRun) -> dict:
     """The emulated heavy-ends model as Megatron chunks (each profiled layer counted as one transformer layer),
     the plan's cut given as ``configure_model_config(config, NAME, stage_layers=...)`` and read back through
@@ -247,6 +244,7 @@ def run_planned_megatron_rank(rank: int, world_size: int, run: PlannedRun) -> di
     from megatron.core.transformer import TransformerConfig
 
     from dualpipe_plugin.bench.megatron_chunk import emulated_megatron_chunk_class
+    from dualpipe_plugin.bench.peers_megatron import emulated_forward_step
     from dualpipe_plugin.megatron import (
         build_model_chunks, configure_model_config, enable_cpu_mode, get_forward_backward_func,
     )
@@ -287,7 +285,7 @@ def run_planned_megatron_rank(rank: int, world_size: int, run: PlannedRun) -> di
                 for chunk in chunks:
                     chunk.zero_grad(set_to_none=True)
                 forward_backward(
-                    forward_step_func=_megatron_forward_step, data_iterator=[iter(micro_batches) for _ in chunks],
+                    forward_step_func=emulated_forward_step, data_iterator=[iter(micro_batches) for _ in chunks],
                     model=chunks, num_microbatches=run.microbatches, seq_length=rows, micro_batch_size=1,
                     forward_only=False,
                 )
@@ -323,14 +321,15 @@ def _moe_workload(run: MoERun):
 
 
 def moe_profile_rank(rank: int, world_size: int, run: MoERun) -> dict:
-    """Both processes of one EP group profile the model in lock step (the blocks' all-to-alls need the peer);
-    the embedding and head attach to the first and last block, as ``moe_chunks`` places them."""
+    """Every process of the P x EP layout profiles the model, the two of each EP group in lock step (the
+    blocks' all-to-alls need the peer), so the machine is as busy as during the run; rank 0's profile is
+    the cost file. The embedding and head attach to the first and last block, as ``moe_chunks`` places them."""
     from dualpipe_plugin.bench.peers_deepspeed import DeepSpeedMoEBlock
     from dualpipe_plugin.moe import Embedding, Head, lm_loss, new_expert_parallel
     from dualpipe_plugin.planner.profile import ProfileTarget, profile_model
 
     workload = _moe_workload(run)
-    ep = new_expert_parallel([list(range(world_size))])
+    ep = new_expert_parallel([[p + e * run.ranks for e in range(world_size // run.ranks)] for p in range(run.ranks)])
     config, costs = workload.moe.model, workload.layer_costs()
     torch.manual_seed(0)
     layers = [Embedding(config)] + [DeepSpeedMoEBlock(config, ep, costs) for _ in range(run.blocks)] + [Head(config)]
@@ -362,17 +361,7 @@ def run_moe_rank(rank: int, world_size: int, run: MoERun) -> dict:
                         timeout_s=workload.timeout_s)
     tokens, labels = workload.batch(seed=setup.replica)
     report: dict = {}
-
-    def step(last: bool) -> None:
-        for chunk in chunks:
-            chunk.zero_grad(set_to_none=True)
-        started = time.perf_counter()
-        result = pipe.step(tokens if pipe.needs_inputs() else None, labels if pipe.needs_labels() else None,
-                           num_microbatches=run.microbatches, reduce_loss=False, record=run.record and last)
-        if run.record and last:
-            report["timeline"] = [(str(action), start, end) for action, start, end in result.timeline]
-            report["started"] = started
-
+    step = _pipeline_step(pipe, chunks, tokens, labels, run.microbatches, run.record, report)
     report["spans"] = _timed(step, run.warmup, run.steps)
     report["replica"], report["stage_rank"] = setup.replica, setup.stage_rank
     pipe.close()

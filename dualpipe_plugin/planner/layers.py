@@ -28,7 +28,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from dualpipe_plugin.planner.meter import SavedTensorMeter
+from dualpipe_plugin.planner.meter import SavedTensorMeter, tensors_in
 from dualpipe_plugin.runtime.weight_grad import WeightGradStore, WeightSplitter, bind_weight_split
 from dualpipe_plugin.schedules.cost_file import LayerCost
 
@@ -43,22 +43,8 @@ def default_optimizer(params: list[nn.Parameter]) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-3)
 
 
-def layer_parameters(layer: Any) -> list[nn.Parameter]:
-    """Distinct parameters of a layer: a module's, or those of the modules a partial is bound to (a
-    DeepSpeed tied layer's ``forward_fn``)."""
-    modules = []
-    if isinstance(layer, nn.Module):
-        modules.append(layer)
-    elif isinstance(layer, functools.partial):
-        modules += [a for a in (*layer.args, *layer.keywords.values()) if isinstance(a, nn.Module)]
-    seen: dict[int, nn.Parameter] = {}
-    for module in modules:
-        for param in module.parameters():
-            seen.setdefault(id(param), param)
-    return list(seen.values())
-
-
 def _modules(layer: Any) -> list[nn.Module]:
+    """The modules a layer runs: itself, or those a partial is bound to (a DeepSpeed tied ``forward_fn``)."""
     if isinstance(layer, nn.Module):
         return [layer]
     if isinstance(layer, functools.partial):
@@ -66,12 +52,17 @@ def _modules(layer: Any) -> list[nn.Module]:
     return []
 
 
+def layer_parameters(layer: Any) -> list[nn.Parameter]:
+    """Distinct parameters of a layer's modules."""
+    seen: dict[int, nn.Parameter] = {}
+    for module in _modules(layer):
+        for param in module.parameters():
+            seen.setdefault(id(param), param)
+    return list(seen.values())
+
+
 def _flat(values: Any) -> list[torch.Tensor]:
-    if isinstance(values, torch.Tensor):
-        return [values]
-    if isinstance(values, (tuple, list)):
-        return [t for value in values for t in _flat(value)]
-    return []
+    return list(tensors_in(values))
 
 
 def _fresh_input(values: Any) -> Any:

@@ -23,7 +23,7 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
-__all__ = ["SavedTensorMeter", "storage_key", "tensor_bytes"]
+__all__ = ["SavedTensorMeter", "storage_key", "tensor_bytes", "tensors_in"]
 
 
 def storage_key(tensor: torch.Tensor) -> tuple[str, int] | None:
@@ -37,22 +37,23 @@ def storage_key(tensor: torch.Tensor) -> tuple[str, int] | None:
 def tensor_bytes(values: Any) -> int:
     """Bytes of the distinct storages of the tensors in ``values`` (a tensor, or nested tuples/lists)."""
     seen: dict[tuple[str, int], int] = {}
-    for tensor in _tensors(values):
+    for tensor in tensors_in(values):
         key = storage_key(tensor)
         if key is not None:
             seen[key] = tensor.untyped_storage().nbytes()
     return sum(seen.values())
 
 
-def _tensors(values: Any) -> Iterator[torch.Tensor]:
+def tensors_in(values: Any) -> Iterator[torch.Tensor]:
+    """Every tensor in ``values``: a tensor, or tuples, lists and dicts of them (nested)."""
     if isinstance(values, torch.Tensor):
         yield values
     elif isinstance(values, (tuple, list)):
         for value in values:
-            yield from _tensors(value)
+            yield from tensors_in(value)
     elif isinstance(values, dict):
         for value in values.values():
-            yield from _tensors(value)
+            yield from tensors_in(value)
 
 
 class SavedTensorMeter:
@@ -132,7 +133,7 @@ class SavedTensorMeter:
                         contents = cell.cell_contents
                     except ValueError:  # an empty cell
                         continue
-                    for tensor in _tensors(contents):
+                    for tensor in tensors_in(contents):
                         if not isinstance(tensor, torch.nn.Parameter):
                             self._track(tensor)
             return original(store, closure)

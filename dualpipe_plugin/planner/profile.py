@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from dualpipe_plugin.planner.layers import OptimizerFactory, default_optimizer, profile_layer_row
+from dualpipe_plugin.planner.meter import tensors_in
 from dualpipe_plugin.planner.overhead import measure_action_overhead
 from dualpipe_plugin.runtime.weight_grad import WeightSplitter
 from dualpipe_plugin.schedules.cost_file import SOURCES, CostProfile, LayerCost, LinkCost, Runtime
@@ -107,8 +108,8 @@ def profile_model(
     if overhead_microbatches:
         runtime = measure_action_overhead(target.layers, target.inputs, costs, loss=target.loss,
                                           microbatches=overhead_microbatches)
-    shapes = [list(t.shape) for t in _tensors(target.inputs)]
-    dtypes = [str(t.dtype).replace("torch.", "") for t in _tensors(target.inputs)]
+    shapes = [list(t.shape) for t in tensors_in(target.inputs)]
+    dtypes = [str(t.dtype).replace("torch.", "") for t in tensors_in(target.inputs)]
     return CostProfile(
         layers=tuple(costs), source=target.source, model=target.model,
         microbatch={"inputs": shapes, "dtype": dtypes},
@@ -122,10 +123,3 @@ def profile_model(
 def _fields(cost: LayerCost) -> dict:
     return {name: getattr(cost, name) for name in cost.__dataclass_fields__}
 
-
-def _tensors(values: Any) -> list[torch.Tensor]:
-    if isinstance(values, torch.Tensor):
-        return [values]
-    if isinstance(values, (tuple, list)):
-        return [t for v in values for t in _tensors(v)]
-    return []

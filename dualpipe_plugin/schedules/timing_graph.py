@@ -101,20 +101,9 @@ class TimingGraph:
                 else:
                     self.work[rank].setdefault(stages[0], [0] * 6)[_KIND_INDEX[action.kind]] += 1
 
-    def makespan(
-        self,
-        F: Sequence[float],
-        I: Sequence[float],  # noqa: E741
-        W: Sequence[float],
-        B: Sequence[float],
-        hops: Sequence[float],
-        *,
-        overhead: float = 0.0,
-        pair_factor: float = 1.0,
-    ) -> float:
-        """Step time for per-stage op costs, per-boundary hop times (``hops[s]``: stage s to s+1) and the
-        per-action overhead; the same figure :func:`simulate` gives for the equivalent StageCostModel."""
-        return self.evaluate(F, I, W, B, hops, overhead=overhead, pair_factor=pair_factor)[0]
+    def makespan(self, *costs: Sequence[float], overhead: float = 0.0, pair_factor: float = 1.0) -> float:
+        """Step time for ``costs`` = (F, I, W, B, hops) as :meth:`evaluate` takes them."""
+        return self.evaluate(*costs, overhead=overhead, pair_factor=pair_factor)[0]
 
     def evaluate(
         self,
@@ -127,7 +116,9 @@ class TimingGraph:
         overhead: float = 0.0,
         pair_factor: float = 1.0,
     ) -> tuple[float, list[float]]:
-        """(step time, start of each rank's first action) for the costs of :meth:`makespan`."""
+        """(step time, start of each rank's first action) for per-stage op costs ``F``, ``I``, ``W``, ``B``,
+        per-boundary hop times (``hops[s]``: stage s to s+1) and a per-action overhead: the figures
+        :func:`simulate` gives for the equivalent StageCostModel."""
         tables = (F, I, W, B)
         end = [0.0] * len(self._terms)
         finish = 0.0
