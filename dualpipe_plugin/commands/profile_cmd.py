@@ -3,7 +3,8 @@
 ``CALLABLE()`` returns a :class:`~dualpipe_plugin.planner.profile.ProfileTarget` (the model's layers, one
 micro-batch, the loss). The model is profiled on this process; the pipeline group's hop is measured:
 
-* under ``torchrun`` (``WORLD_SIZE`` > 1): on the real group, the world in rank order (every rank runs
+* under ``torchrun`` (its environment, or a process group already started, of more than one rank): on
+  the real group, the world in rank order (every rank runs
   the command and profiles; rank 0 writes the file);
 * with ``--ranks N`` outside torchrun: on N local gloo processes (this machine's loopback);
 * otherwise not at all: the file says so, with zero latency for the user to edit.
@@ -60,7 +61,7 @@ def load_target(spec: str):
 def run(args: argparse.Namespace) -> int:
     if args.repeats < 1 or args.warmup < 0:
         raise UsageError(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats} and {args.warmup}")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = _launched_world()
     if args.ranks and (args.ranks < 2 or world > 1):
         raise UsageError("--ranks N (N >= 2) measures the hop on local processes; under torchrun the real group is "
                          "measured, leave --ranks out")
@@ -93,6 +94,18 @@ def run(args: argparse.Namespace) -> int:
     overhead = ", ".join(f"{kind} {value:.3f}" for kind, value in zip("FIWB", costs.runtime.overhead))
     print(f"wrote {out}: {len(costs.layers)} layers; runtime overhead per action (ms): {overhead}; {hop}")
     return 0
+
+
+def _launched_world() -> int:
+    """The world size of a distributed launch this process belongs to (1 if none): an initialised process
+    group, or torchrun's environment (a stray WORLD_SIZE alone is not a launch)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    if all(key in os.environ for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")):
+        return int(os.environ["WORLD_SIZE"])
+    return 1
 
 
 def _cuda() -> bool:
