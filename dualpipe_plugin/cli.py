@@ -19,7 +19,8 @@ _COMMANDS = (
     ("schedule", "dualpipe_plugin.commands.schedule_cmd", "print a schedule's per-rank op order"),
     ("simulate", "dualpipe_plugin.commands.simulate_cmd", "simulate a schedule: makespan, bubble, peak activations"),
     ("visualize", "dualpipe_plugin.commands.visualize_cmd", "draw a simulated timeline (PNG) or a Chrome trace (JSON)"),
-    ("advise", "dualpipe_plugin.commands.advise_cmd", "rank the schedules for your size, costs and memory cap"),
+    ("profile", "dualpipe_plugin.commands.profile_cmd", "measure your model's per-layer costs and the pipeline hop into a cost file"),
+    ("advise", "dualpipe_plugin.commands.advise_cmd", "rank the schedules for your size, costs and memory cap; with --profile, also where to cut"),
     ("demo", "dualpipe_plugin.commands.demo_cmd", "train a small MoE model with DualPipeV on local CPU processes and show where the time went"),
     ("bench", "dualpipe_plugin.commands.bench_cmd", "benchmark schedules on the emulated device (real gloo ranks)"),
 )

@@ -23,7 +23,7 @@ import torch
 from dualpipe_plugin.bench.megatron_chunk import emulated_megatron_chunk_class
 from dualpipe_plugin.bench.workload import ActivationProbe, Job, RankReport, emulated_layers, timed_steps
 
-__all__ = ["run_megatron_rank"]
+__all__ = ["run_megatron_rank", "emulated_forward_step"]
 
 SCHEDULES = ("1f1b", "interleaved", "ours")
 
@@ -33,7 +33,9 @@ def _loss(target, output):
     return loss, {"loss": loss.detach()}
 
 
-def _forward_step(data_iterator, model):
+def emulated_forward_step(data_iterator, model):
+    """Megatron's ``forward_step_func`` for an emulated chunk: its output and an MSE loss in the
+    ``(loss, report)`` form."""
     x, y = next(data_iterator)
     return model(x), partial(_loss, y)
 
@@ -98,7 +100,7 @@ def run_megatron_rank(rank: int, world_size: int, job: Job) -> RankReport:
                     chunk.zero_grad(set_to_none=True)
                 iterators = [iter(micro_batches) for _ in chunks]
                 forward_backward(
-                    forward_step_func=_forward_step,
+                    forward_step_func=emulated_forward_step,
                     data_iterator=iterators if len(chunks) > 1 else iterators[0],
                     model=chunks if len(chunks) > 1 else chunks[0],
                     num_microbatches=workload.microbatches, seq_length=rows, micro_batch_size=1,

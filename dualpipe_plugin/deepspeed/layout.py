@@ -6,7 +6,9 @@ stages (rank r holds stages r and 2P-1-r), dualpipe into P stages held twice (ra
 :func:`place_layers` does it with DeepSpeed's own machinery, on the user's module object:
 
 1. the partition: the module's own ``_partition_layers`` (uniform / parameters / type:REGEX through
-   ``deepspeed.runtime.utils``), run with ``num_stages`` set to the placement's stage count;
+   ``deepspeed.runtime.utils``), run with ``num_stages`` set to the placement's stage count; or explicit
+   layer-spec boundaries, ``"partition_method": "boundaries:0,3,5,8"`` in the config's ``"pipeline"``
+   section (what ``dualpipe-plugin advise --profile`` prints: stage s holds specs ``[b_s, b_s+1)``);
 2. the layers: the module's own ``_build`` once per chunk with ``_set_bounds`` (as DeepSpeed's
    DualPipeVModule does per phase), so layers keep their GLOBAL index as their name (``"5.linear.weight"``)
    and their checkpoint file (``layer_05-model_states.pt``); a TiedLayerSpec key used by both chunks of
@@ -115,8 +117,32 @@ class ModuleLayout:
 # --- the partition -----------------------------------------------------------------------------------
 
 
+_BOUNDARIES = "boundaries:"
+
+
+def _explicit_parts(method: str, num_parts: int, num_specs: int) -> list[int]:
+    """``boundaries:b0,b1,...,bS`` -> the parts, checked against the schedule's stage count."""
+    text = method[len(_BOUNDARIES):]
+    try:
+        parts = [int(item) for item in text.split(",")]
+    except ValueError:
+        parts = []
+    if (len(parts) != num_parts + 1 or parts[0] != 0 or parts[-1] != num_specs
+            or any(a >= b for a, b in zip(parts, parts[1:]))):
+        raise DeepSpeedPipelineConfigError(
+            f"pipeline.partition_method={method!r} does not cut the {num_specs} layer specs into the schedule's "
+            f"{num_parts} stages; give {num_parts + 1} increasing layer-spec indices from 0 to {num_specs}, e.g. "
+            f"\"boundaries:{','.join(str(num_specs * s // num_parts) for s in range(num_parts + 1))}\" (dualpipe-plugin "
+            f"advise --profile prints the ones for this schedule)"
+        )
+    return parts
+
+
 def _partition(module, method: str, num_parts: int) -> list[int]:
-    """The module's own partition of its specs into ``num_parts`` (its state is left as it was)."""
+    """The module's own partition of its specs into ``num_parts`` (its state is left as it was), or the
+    explicit ``boundaries:`` given."""
+    if method.lower().startswith(_BOUNDARIES):
+        return _explicit_parts(method, num_parts, len(module._layer_specs))
     saved = (module.num_stages, module.parts, module._local_start, module._local_stop)
     module.num_stages = num_parts
     try:

@@ -27,7 +27,6 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 

@@ -11,7 +11,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from dualpipe_plugin.schedules import CostModel, OpKind, Pair, Schedule, simulate
+from dualpipe_plugin.schedules import CostModel, Pair, Schedule, simulate
 from dualpipe_plugin.schedules.render import write_chrome_trace, write_timeline_png
 
 __all__ = ["BubbleRow", "bubble_table", "measured_costs", "write_loss_curve", "write_run_files"]

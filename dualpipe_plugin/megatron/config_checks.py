@@ -18,10 +18,14 @@ __all__ = ["check_model_config", "megatron_spelling", "options_for"]
 
 _UNSUPPORTED_TWO_CHUNK = (
     ("pipeline_model_parallel_layout", "a custom pipeline layout", "the schedule places layers itself"),
-    ("num_layers_in_first_pipeline_stage", "uneven first-stage layer counts", "stages are uniform"),
-    ("num_layers_in_last_pipeline_stage", "uneven last-stage layer counts", "stages are uniform"),
-    ("account_for_embedding_in_pipeline_split", "account_for_embedding_in_pipeline_split", "stages are uniform"),
-    ("account_for_loss_in_pipeline_split", "account_for_loss_in_pipeline_split", "stages are uniform"),
+    ("num_layers_in_first_pipeline_stage", "uneven first-stage layer counts",
+     "give every stage's count as configure_model_config(..., stage_layers=...)"),
+    ("num_layers_in_last_pipeline_stage", "uneven last-stage layer counts",
+     "give every stage's count as configure_model_config(..., stage_layers=...)"),
+    ("account_for_embedding_in_pipeline_split", "account_for_embedding_in_pipeline_split",
+     "give every stage's count as configure_model_config(..., stage_layers=...)"),
+    ("account_for_loss_in_pipeline_split", "account_for_loss_in_pipeline_split",
+     "give every stage's count as configure_model_config(..., stage_layers=...)"),
     ("mtp_num_layers", "multi-token prediction", "its layers would need the last stage on the last rank"),
     ("heterogeneous_block_specs", "heterogeneous block specs", "per-layer configs are not placed"),
 )
@@ -74,9 +78,15 @@ def _te_available() -> bool:
     return True
 
 
-def check_model_config(config: Any, schedule: str | ScheduleSpec) -> None:
-    """Refuse settings ``schedule`` cannot run with, before any model is built or step taken."""
+def check_model_config(config: Any, schedule: str | ScheduleSpec, stage_layers: Any = None) -> None:
+    """Refuse settings ``schedule`` cannot run with, before any model is built or step taken.
+
+    ``stage_layers`` (default: ``config.pipeline_stage_layers``) are transformer layers per stage for a
+    two-chunk schedule; one-chunk schedules keep Megatron's own placement, set with its
+    ``pipeline_model_parallel_layout``."""
     spec = get_schedule(schedule)
+    if stage_layers is None:
+        stage_layers = getattr(config, "pipeline_stage_layers", None)
     name = spec.name
     for attr, what, why in _UNSUPPORTED_ANY:
         if _is_set(getattr(config, attr, None)):
@@ -98,8 +108,14 @@ def check_model_config(config: Any, schedule: str | ScheduleSpec) -> None:
         for attr, what, why in _UNSUPPORTED_TWO_CHUNK:
             if _is_set(getattr(config, attr, None)):
                 raise MegatronScheduleError(f"{name} does not support {what} ({attr}): {why}")
-        # divisibility, P even
-        ModelPlacement(spec, config.pipeline_model_parallel_size, getattr(config, "num_layers", None))
+        ModelPlacement(spec, config.pipeline_model_parallel_size, getattr(config, "num_layers", None),
+                       stage_layers)  # counts, P even
+    elif stage_layers is not None:
+        raise MegatronScheduleError(
+            f"{name} runs one chunk per rank in Megatron's own placement, so stage_layers={tuple(stage_layers)} does "
+            f"not apply; set Megatron's pipeline_model_parallel_layout instead (--pipeline-model-parallel-layout, "
+            f"e.g. 'E' + 't' * n0 + '|' + ... + 'L': dualpipe-plugin advise --profile prints it)"
+        )
     elif config.virtual_pipeline_model_parallel_size is not None:
         raise MegatronScheduleError(
             f"{name} runs one chunk per rank; unset virtual_pipeline_model_parallel_size "

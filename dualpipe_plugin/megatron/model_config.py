@@ -13,9 +13,10 @@ and stores them on the config next to the schedule's name:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 from dualpipe_plugin.megatron.config_checks import check_model_config, options_for
+from dualpipe_plugin.megatron.errors import MegatronScheduleError
 from dualpipe_plugin.megatron.placement import install_placement_hooks, places_chunks
 from dualpipe_plugin.megatron.registry import MEGATRON, default_registry
 from dualpipe_plugin.runtime.options import PipelineOptions
@@ -25,7 +26,8 @@ __all__ = ["configure_model_config", "configure_from_args"]
 
 
 def configure_model_config(
-    config: Any, schedule: str | ScheduleSpec | PipelineOptions, **option_values: Any
+    config: Any, schedule: str | ScheduleSpec | PipelineOptions, *, stage_layers: Sequence[int] | None = None,
+    **option_values: Any,
 ) -> Any:
     """Mark ``config`` (a ``TransformerConfig``) for ``schedule``, before the model is built. Returns it.
 
@@ -33,9 +35,13 @@ def configure_model_config(
     option fields (``timeout_s``, ``split_weights``, ...). For this package's schedules it sets
     ``config.pipeline_schedule`` and ``config.pipeline_options`` and, for a two-chunk schedule,
     ``virtual_pipeline_model_parallel_size = 2`` (chunks built with ``vp_stage`` 0 and 1) and installs the
-    placement hooks. Calling it again with the same options is a no-op. ``"megatron"`` (or a name given to
-    :func:`~dualpipe_plugin.megatron.register_schedule`) only sets ``config.pipeline_schedule``.
+    placement hooks. ``stage_layers`` cuts a two-chunk schedule's stages unevenly (transformer layers per
+    stage, stage 0 first, as ``dualpipe-plugin advise --profile`` prints them; stored as
+    ``config.pipeline_stage_layers``); without it the stages are uniform. Calling it again with the same
+    options is a no-op. ``"megatron"`` (or a name given to :func:`~dualpipe_plugin.megatron.register_schedule`)
+    only sets ``config.pipeline_schedule``.
     """
+    stage_layers = None if stage_layers is None else tuple(stage_layers)
     if isinstance(schedule, PipelineOptions):
         options = schedule.replace(**option_values) if option_values else schedule
     else:
@@ -43,13 +49,21 @@ def configure_model_config(
         if name is not None and name not in schedule_names():  # Megatron's own, or a registered function
             if name != MEGATRON:
                 default_registry().lookup(name)  # UnknownScheduleError listing the valid names
+            if stage_layers is not None:
+                raise MegatronScheduleError(
+                    f"schedule {name!r} keeps Megatron's own placement, so stage_layers={stage_layers} does not "
+                    f"apply; set Megatron's pipeline_model_parallel_layout instead"
+                )
             config.pipeline_schedule = name
             config.pipeline_options = None
             return config
         options = options_for(schedule, **option_values)
-    if getattr(config, "pipeline_options", None) == options:
+    if (getattr(config, "pipeline_options", None) == options
+            and getattr(config, "pipeline_stage_layers", None) == stage_layers):
         return config
-    check_model_config(config, options.schedule)  # on the unmarked config: a user-set virtual size is refused
+    # On the unmarked config: a user-set virtual size is refused.
+    check_model_config(config, options.schedule, stage_layers)
+    config.pipeline_stage_layers = stage_layers
     _mark(config, options)
     return config
 

@@ -8,6 +8,8 @@ truth) and makes Megatron build the right layers:
 schedule    chunk c on pipeline rank r   layers per chunk (L layers in all)    pre / post-process
 ==========  ===========================  ====================================  ======================
 dualpipev   stage r (c=0), 2P-1-r (c=1)  L / 2P, offset stage * L / 2P         rank 0: c=0 pre, c=1 post
+                                         (or ``stage_layers[stage]``, offset the
+                                         sum of the stages before)
 dualpipe    stage r (c=0), P-1-r (c=1)   L / P,  offset stage * L / P          rank 0: c=0 pre, c=1 post;
                                                                                rank P-1: c=0 post, c=1 pre
 zbv         as dualpipev                 as dualpipev                          as dualpipev
@@ -32,10 +34,10 @@ config whose options hold a one-chunk schedule or none):
 
 1. ``transformer_layer.get_transformer_layer_offset`` and every module that imported it by name
    (``transformer_block``, ``gpt_layer_specs``, ... : all loaded ``megatron.*`` modules holding the original)
-   -> ``stage * layers_per_stage``. Used by ``TransformerLayer.__init__`` (``layer_number``),
+   -> the layers of the stages before (``stage * layers_per_stage`` when uniform). Used by ``TransformerLayer.__init__`` (``layer_number``),
    ``TransformerBlock`` (build and ``sharded_state_dict``), ``get_gpt_decoder_block_spec`` (which layers
    are MoE), attention. Installed for good, not only while building: ``sharded_state_dict`` asks again.
-2. ``transformer_block.get_num_layers_to_build`` and its by-name imports -> ``layers_per_stage``.
+2. ``transformer_block.get_num_layers_to_build`` and its by-name imports -> the stage's layer count.
 3. ``LanguageModule._is_in_embd_group`` -> False. Megatron's embedding group joins the first and last
    pipeline *ranks*; in a V both ends of the model are on rank 0, in DualPipe each end rank holds both.
    The init-time all-reduce that copies the embedding into the last stage's output layer would pair the
@@ -93,9 +95,12 @@ class ChunkPlacement:
 
 
 class ModelPlacement:
-    """The chunks of every pipeline rank for ``schedule`` on ``pp_size`` ranks and ``num_layers`` layers."""
+    """The chunks of every pipeline rank for ``schedule`` on ``pp_size`` ranks and ``num_layers`` layers,
+    cut uniformly or into ``stage_layers`` (transformer layers per stage, stage 0 first: the counts
+    ``dualpipe-plugin advise --profile`` prints for a profile of a Megatron model)."""
 
-    def __init__(self, schedule: str | ScheduleSpec, pp_size: int, num_layers: int | None):
+    def __init__(self, schedule: str | ScheduleSpec, pp_size: int, num_layers: int | None,
+                 stage_layers: Sequence[int] | None = None):
         try:
             self.spec = get_schedule(schedule)
             self._placement = self.spec.placement(pp_size)
@@ -106,6 +111,10 @@ class ModelPlacement:
         self.num_layers = num_layers
         self.num_stages = self._placement.num_stages
         self.num_chunks = self._placement.num_chunks
+        if stage_layers is not None:
+            self.stage_layers = _checked_stage_layers(stage_layers, self.schedule, self.num_stages, num_layers)
+            self.layers_per_stage = None
+            return
         if num_layers is not None and num_layers % self.num_stages:
             raise MegatronScheduleError(
                 f"{self.schedule} cuts the model into {self.num_stages} stages on {pp_size} pipeline ranks, "
@@ -115,14 +124,15 @@ class ModelPlacement:
             )
         # None: a model whose layers this module does not number (a config without num_layers).
         self.layers_per_stage = None if num_layers is None else num_layers // self.num_stages
+        self.stage_layers = None if num_layers is None else (self.layers_per_stage,) * self.num_stages
 
     def chunk(self, pp_rank: int, chunk: int) -> ChunkPlacement:
         stage = self._placement.stage(pp_rank, chunk)
         return ChunkPlacement(
             chunk=chunk,
             stage=stage,
-            layer_offset=None if self.layers_per_stage is None else stage * self.layers_per_stage,
-            num_layers=self.layers_per_stage,
+            layer_offset=None if self.stage_layers is None else sum(self.stage_layers[:stage]),
+            num_layers=None if self.stage_layers is None else self.stage_layers[stage],
             pre_process=self._placement.is_first(pp_rank, chunk),
             post_process=self._placement.is_last(pp_rank, chunk),
         )
@@ -141,18 +151,32 @@ class ModelPlacement:
         return self._placement.mirrored
 
 
+def _checked_stage_layers(stage_layers: Sequence[int], schedule: str, num_stages: int, num_layers: int | None) -> tuple:
+    counts = tuple(stage_layers)
+    if (len(counts) != num_stages or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in counts)
+            or (num_layers is not None and sum(counts) != num_layers)):
+        raise MegatronScheduleError(
+            f"stage_layers={counts} does not place num_layers={num_layers} transformer layers on the {num_stages} "
+            f"stages of {schedule}; give {num_stages} whole numbers >= 1 adding up to {num_layers}, stage 0 first "
+            f"(dualpipe-plugin advise --profile prints them)"
+        )
+    return counts
+
+
 @functools.lru_cache(maxsize=64)
-def _cached_placement(spec: ScheduleSpec, pp_size: int, num_layers: int | None) -> ModelPlacement:
-    return ModelPlacement(spec, pp_size, num_layers)
+def _cached_placement(spec: ScheduleSpec, pp_size: int, num_layers: int | None,
+                      stage_layers: tuple[int, ...] | None) -> ModelPlacement:
+    return ModelPlacement(spec, pp_size, num_layers, stage_layers)
 
 
 def placement_of(config: Any) -> ModelPlacement | None:
-    """The two-chunk placement a configured ``TransformerConfig`` asks for (``config.pipeline_options``, set
-    by ``configure_model_config``), else None: Megatron's own placement."""
+    """The two-chunk placement a configured ``TransformerConfig`` asks for (``config.pipeline_options`` and
+    ``config.pipeline_stage_layers``, set by ``configure_model_config``), else None: Megatron's own placement."""
     options = getattr(config, "pipeline_options", None)
     if options is None or not places_chunks(options.schedule):
         return None
-    return _cached_placement(options.schedule, config.pipeline_model_parallel_size, getattr(config, "num_layers", None))
+    return _cached_placement(options.schedule, config.pipeline_model_parallel_size, getattr(config, "num_layers", None),
+                             getattr(config, "pipeline_stage_layers", None))
 
 
 # ------------------------------------------------------------------------------------------- hooks
@@ -188,7 +212,7 @@ def _num_layers_hook(original: Callable) -> Callable:
         placement = placement_of(config)
         if placement is None:
             return original(config, vp_stage, pp_rank)
-        return placement.layers_per_stage
+        return placement.chunk(_pp_rank(pp_rank), vp_stage or 0).num_layers
 
     get_num_layers_to_build.__dualpipe_hook__ = original
     return get_num_layers_to_build

@@ -34,12 +34,24 @@ __all__ = ["DualPipeline", "StepResult", "stage_modules", "split_stages"]
 Batch = torch.Tensor | tuple[torch.Tensor, ...]
 
 
-def split_stages(layers: Sequence[nn.Module], num_stages: int) -> list[list[nn.Module]]:
-    """Cut ``layers`` into ``num_stages`` contiguous parts, sizes differing by at most one."""
+def split_stages(
+    layers: Sequence[nn.Module], num_stages: int, boundaries: Sequence[int] | None = None
+) -> list[list[nn.Module]]:
+    """Cut ``layers`` into ``num_stages`` contiguous parts, sizes differing by at most one, or at the given
+    ``boundaries`` (``0 = b0 < b1 < ... = len(layers)``, as ``dualpipe-plugin advise --profile`` prints them)."""
     if len(layers) < num_stages:
         raise PipelineConfigError(
             f"cannot cut {len(layers)} layers into {num_stages} pipeline stages; give at least one layer per stage"
         )
+    if boundaries is not None:
+        bounds = list(boundaries)
+        if (len(bounds) != num_stages + 1 or bounds[0] != 0 or bounds[-1] != len(layers)
+                or any(b >= c for b, c in zip(bounds, bounds[1:]))):
+            raise PipelineConfigError(
+                f"boundaries {tuple(bounds)} do not cut {len(layers)} layers into {num_stages} non-empty stages; give "
+                f"{num_stages + 1} increasing numbers from 0 to {len(layers)}"
+            )
+        return [list(layers[a:b]) for a, b in zip(bounds, bounds[1:])]
     base, extra = divmod(len(layers), num_stages)
     parts, start = [], 0
     for stage in range(num_stages):
@@ -50,16 +62,18 @@ def split_stages(layers: Sequence[nn.Module], num_stages: int) -> list[list[nn.M
 
 
 def stage_modules(
-    layers: Sequence[nn.Module], schedule: str | ScheduleSpec, num_ranks: int, rank: int
+    layers: Sequence[nn.Module], schedule: str | ScheduleSpec, num_ranks: int, rank: int,
+    boundaries: Sequence[int] | None = None,
 ) -> list[nn.Module]:
-    """This rank's chunks (in chunk order) of a model given as a layer list, for ``schedule``."""
+    """This rank's chunks (in chunk order) of a model given as a layer list, for ``schedule`` (cut uniformly,
+    or at ``boundaries``: see :func:`split_stages`)."""
     placement = get_schedule(schedule).placement(num_ranks)
     if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < num_ranks:
         raise PipelineConfigError(
             f"rank={rank!r} is not a pipeline rank of {num_ranks}; pass this process's position in the "
             f"pipeline, 0..{num_ranks - 1}"
         )
-    parts = split_stages(layers, placement.num_stages)
+    parts = split_stages(layers, placement.num_stages, boundaries)
     return [nn.Sequential(*parts[placement.stage(rank, chunk)]) for chunk in range(placement.num_chunks)]
 
 

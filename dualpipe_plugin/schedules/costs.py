@@ -1,14 +1,34 @@
-"""The cost model the simulator uses: time per op kind, optional per-stage scaling, P2P latency."""
+"""The uniform cost model: time per op kind, optional per-stage scaling, one P2P latency.
+
+Every cost model the simulator takes answers two questions (:class:`Costs`): how long an action lasts
+on its stages, and how long a transfer takes between two ranks. :class:`CostModel` answers them with one
+number per op kind; :class:`~dualpipe_plugin.schedules.stage_costs.StageCostModel` with measured costs
+per stage and a latency + bytes/bandwidth link.
+"""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 from dualpipe_plugin.schedules.errors import CostModelError
 from dualpipe_plugin.schedules.ir import Action, Op, OpKind, Pair
 
-__all__ = ["CostModel"]
+__all__ = ["CostModel", "Costs"]
+
+
+class Costs(Protocol):
+    """What the simulator asks a cost model."""
+
+    def action_cost(self, action: Action, stages: tuple[int, ...]) -> float:
+        """Duration of ``action`` whose ops sit on ``stages`` (one stage per op)."""
+        ...
+
+    def transfer_cost(self, event: tuple) -> float:
+        """Time from the end of the op producing ``event`` (``(what, flow, stage, microbatch)``, see
+        :mod:`~dualpipe_plugin.schedules.lowering`) until a consumer on another rank can use it."""
+        ...
 
 _KEYS = ("F", "B", "I", "W", "FB", "comm")
 _OPTIONAL = ("I", "FB")  # derived from the others when not given
@@ -112,3 +132,7 @@ class CostModel:
         if isinstance(action, Pair):
             return self.pair * (self._scale(stages[0]) + self._scale(stages[1])) / 2
         return self.op_cost(action, stages[0])
+
+    def transfer_cost(self, event: tuple) -> float:
+        """Every transfer between two ranks costs ``comm``, whatever it carries."""
+        return self.comm

@@ -13,7 +13,9 @@ from typing import Iterable, Sequence
 
 from dualpipe_plugin.schedules.ir import Action, Op, OpKind, Pair
 
-__all__ = ["TimedAction", "chrome_trace", "write_chrome_trace", "write_timeline_png", "write_timeline"]
+__all__ = [
+    "TimedAction", "chrome_trace", "write_chrome_trace", "write_timeline_png", "write_side_by_side_png", "write_timeline",
+]
 
 TimedAction = tuple[Action, float, float]
 """(action, start_ms, end_ms) on one rank."""
@@ -84,25 +86,12 @@ def _bars(rows: Sequence[Sequence[TimedAction]]) -> tuple[list, list[str]]:
     return vertices, colours
 
 
-def write_timeline_png(rows: Sequence[Sequence[TimedAction]], path: str | Path, title: str = "") -> Path:
-    """Draw one lane per rank; an F&B pair is drawn as its forward (top half) over its backward.
-
-    All bars are one PolyCollection (one artist however many ops: P=64, C=512 draws in seconds, where an
-    artist per op took minutes); micro-batch labels go only on bars wide enough to hold them.
-    """
-    import matplotlib
+def _draw_lanes(ax, rows: Sequence[Sequence[TimedAction]], end: float) -> None:
+    """One lane per rank on ``ax``: every bar one PolyCollection, micro-batch labels on the wide ones."""
     import numpy as np
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.collections import PolyCollection
     from matplotlib.colors import to_rgba
-    from matplotlib.patches import Patch
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    end = max((row[-1][2] for row in rows if row), default=1.0)
-    fig, ax = plt.subplots(figsize=(min(4 + end / max(end, 1) * 14, 18), 0.6 * len(rows) + 1.4))
     vertices, colours = _bars(rows)
     if vertices:
         # Arrays, not lists: (N, 4, 2) vertices as broken_barh passes them and (N, 4) RGBA colours take
@@ -118,12 +107,66 @@ def write_timeline_png(rows: Sequence[Sequence[TimedAction]], path: str | Path, 
                 label = f"{action.forward.microbatch}|{action.backward.microbatch}" if isinstance(action, Pair) else str(action.microbatch)
                 ax.text((start + stop) / 2, y + 0.5, label, ha="center", va="center", fontsize=6)
     ax.set_yticks([len(rows) - 1 - r + 0.5 for r in range(len(rows))], [f"rank {r}" for r in range(len(rows))])
-    ax.set_xlabel("time (ms)")
     ax.set_xlim(0, end)
-    if title:
-        ax.set_title(title)
+
+
+def _legend(ax) -> None:
+    from matplotlib.patches import Patch
+
     legend = [Patch(facecolor=_COLOURS[(k, c)], label=f"{k.value} chunk {c}") for k in OpKind for c in (0, 1)]
     ax.legend(handles=legend, loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=8, fontsize=7, frameon=False)
+
+
+def write_timeline_png(rows: Sequence[Sequence[TimedAction]], path: str | Path, title: str = "") -> Path:
+    """Draw one lane per rank; an F&B pair is drawn as its forward (top half) over its backward.
+
+    All bars are one PolyCollection (one artist however many ops: P=64, C=512 draws in seconds, where an
+    artist per op took minutes); micro-batch labels go only on bars wide enough to hold them.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    end = max((row[-1][2] for row in rows if row), default=1.0)
+    fig, ax = plt.subplots(figsize=(min(4 + end / max(end, 1) * 14, 18), 0.6 * len(rows) + 1.4))
+    _draw_lanes(ax, rows, end)
+    ax.set_xlabel("time (ms)")
+    if title:
+        ax.set_title(title)
+    _legend(ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=_DPI)
+    plt.close(fig)
+    return path
+
+
+def write_side_by_side_png(
+    panels: Sequence[tuple[str, Sequence[Sequence[TimedAction]]]], path: str | Path, title: str = ""
+) -> Path:
+    """Timelines stacked on one time axis, one panel per (label, rows): e.g. the simulated timeline of a
+    step over the measured one (the executor's ``record``), so where they part is visible."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    end = max((row[-1][2] for _, rows in panels for row in rows if row), default=1.0)
+    height = sum(0.5 * len(rows) + 0.6 for _, rows in panels) + 1.2
+    fig, axes = plt.subplots(len(panels), 1, figsize=(16, height), sharex=True, squeeze=False)
+    for ax, (label, rows) in zip(axes[:, 0], panels):
+        _draw_lanes(ax, rows, end)
+        ax.set_ylabel(label, fontsize=8)
+        ax.axvline(max((row[-1][2] for row in rows if row), default=0.0), color="red", linewidth=0.8)
+        ax.set_xlim(0, end * 1.01)
+    axes[-1, 0].set_xlabel("time (ms); red line: the step's end")
+    if title:
+        fig.suptitle(title)
+    _legend(axes[-1, 0])
     fig.tight_layout()
     fig.savefig(path, dpi=_DPI)
     plt.close(fig)

@@ -1,7 +1,9 @@
 """The simulator: per-op start/end times on every rank, bubble and peak activations, for a cost model.
 
 Each rank runs its actions in order; an action starts when the rank is free and every op in it has its
-inputs (the producer's end, plus ``comm`` latency when the producer is another rank). This is a longest
+inputs (the producer's end, plus the cost model's transfer time when the producer is another rank: one
+``comm`` latency for :class:`CostModel`, latency + bytes / bandwidth of that stage boundary for a
+:class:`~dualpipe_plugin.schedules.stage_costs.StageCostModel`). This is a longest
 path over the dependency DAG, walked once with a worklist, so P=64, C=512 takes well under a second.
 
 Live activations: a (chunk, micro-batch) is live from its ``F`` until its backward is complete (``B``, or
@@ -14,7 +16,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from dualpipe_plugin.schedules.costs import CostModel
+from dualpipe_plugin.schedules.costs import CostModel, Costs
 from dualpipe_plugin.schedules.errors import ScheduleInvalidError
 from dualpipe_plugin.schedules.grid import format_grid
 from dualpipe_plugin.schedules.ir import Action, OpKind, Schedule
@@ -92,8 +94,9 @@ def _describe_wait(schedule: Schedule, rank: int, step: int, need: tuple, produc
     return f"rank {rank} step {step} ({action}) waits for {noun} of micro-batch {microbatch} at {at}"
 
 
-def _plan(schedule: Schedule, costs: CostModel, rank: int) -> list[tuple[tuple, tuple, float]]:
-    """Per action: the events it needs, the events it produces, and its duration."""
+def _plan(schedule: Schedule, costs: Costs, rank: int) -> list[tuple[tuple, tuple, tuple, float]]:
+    """Per action: the events it needs, their transfer times (paid when the producer is another rank),
+    the events it produces, and its duration."""
     placement = schedule.placement
     plan = []
     for action in schedule.actions[rank]:
@@ -106,16 +109,16 @@ def _plan(schedule: Schedule, costs: CostModel, rank: int) -> list[tuple[tuple, 
             needs += op_needs
             produces += (op_produces,)
             stages.append(stage)
-        plan.append((needs, produces, costs.action_cost(action, tuple(stages))))
+        transfers = tuple(costs.transfer_cost(need) for need in needs)
+        plan.append((needs, transfers, produces, costs.action_cost(action, tuple(stages))))
     return plan
 
 
-def walk(schedule: Schedule, costs: CostModel) -> list[list[tuple[float, float]]]:
+def walk(schedule: Schedule, costs: Costs) -> list[list[tuple[float, float]]]:
     """(start, end) of every action of every rank; raise :class:`ScheduleInvalidError` (with the grid)
     if some rank can never run."""
     num_ranks = schedule.num_ranks
     plans = [_plan(schedule, costs, rank) for rank in range(num_ranks)]
-    comm = costs.comm
     finished: dict = {}
     waiting: dict = {}
     position = [0] * num_ranks
@@ -126,15 +129,15 @@ def walk(schedule: Schedule, costs: CostModel) -> list[list[tuple[float, float]]
         rank = ready.popleft()
         plan, row, step, start = plans[rank], times[rank], position[rank], clock[rank]
         while step < len(plan):
-            needs, produces, duration = plan[step]
+            needs, transfers, produces, duration = plan[step]
             missing = None
             ready_at = start
-            for need in needs:
+            for need, transfer in zip(needs, transfers):
                 done = finished.get(need)
                 if done is None:
                     missing = need
                     break
-                at = done[0] + comm if done[1] != rank else done[0]
+                at = done[0] + transfer if done[1] != rank else done[0]
                 if at > ready_at:
                     ready_at = at
             if missing is not None:
@@ -187,8 +190,10 @@ def _peak_activations(schedule: Schedule, rank: int) -> int:
     return peak
 
 
-def simulate(schedule: Schedule, costs: CostModel | None = None) -> SimResult:
-    """Simulate ``schedule`` under ``costs`` (default F=1, B=2, W=1: the unit model of DeepSeek's table).
+def simulate(schedule: Schedule, costs: Costs | None = None) -> SimResult:
+    """Simulate ``schedule`` under ``costs`` (default F=1, B=2, W=1: the unit model of DeepSeek's table;
+    any :class:`~dualpipe_plugin.schedules.costs.Costs`, e.g. a measured
+    :class:`~dualpipe_plugin.schedules.stage_costs.StageCostModel`).
 
     Validates on the way (the same checks as :func:`~dualpipe_plugin.schedules.validate.validate`): an
     incomplete or deadlocking schedule raises :class:`ScheduleInvalidError` instead of returning figures.

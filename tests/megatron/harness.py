@@ -95,6 +95,8 @@ class RunSpec:
     """Evaluate (``forward_only=True``): losses only, no gradients."""
     overlap: bool = False
     """With a dualpipe_plugin schedule: F&B pairs through the overlap engine (``overlap=True``)."""
+    stage_layers: tuple[int, ...] | None = None
+    """Transformer layers per stage for a two-chunk plugin schedule (``configure_model_config(stage_layers=)``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,7 +191,10 @@ def run_megatron(rank: int, world_size: int, spec: RunSpec) -> RankResult:
         init_parallel(par, tiny.seed, gloo_groups=spec.optimizer)
         try:
             config = transformer_config(tiny, par, **dict(spec.config_overrides))
-            chunks = build_model(tiny, par, config, spec.schedule, **({"overlap": True} if spec.overlap else {}))
+            options = {"overlap": True} if spec.overlap else {}
+            if spec.stage_layers is not None:
+                options["stage_layers"] = spec.stage_layers
+            chunks = build_model(tiny, par, config, spec.schedule, **options)
             ddp_config = DistributedDataParallelConfig(
                 grad_reduce_in_fp32=False,
                 overlap_grad_reduce=spec.overlap_grad_reduce,

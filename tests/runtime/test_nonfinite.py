@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
-from dualpipe_plugin.launch import LocalRunError, run_local
+from dualpipe_plugin.launch import run_local
 from dualpipe_plugin.runtime import DualPipeline, NonFiniteLossError, stage_modules
 from tests.runtime.harness import Case, batch, build_layers, loss_fn
 

@@ -1,0 +1,155 @@
+"""The calibrated simulator against measured steps: profile, simulate, run, compare (goal: within 2%).
+
+    .venv/bin/python benchmarks/planner_calibration.py                    # emulated P=4 C=16 + MoE P=2
+    .venv/bin/python benchmarks/planner_calibration.py --only emulated --steps 3 --out /tmp/cal.json
+
+1. **Emulated device, P = 4, C = 16.** The model is ``bench compare``'s: 8 emulated layers, F = I = W =
+   10 ms each. It is profiled as a user would (:func:`~dualpipe_plugin.planner.profile.profile_model` on
+   this process: per-layer times, the runtime's per-action overhead) and the hop is measured on 4 local
+   gloo processes (:func:`~dualpipe_plugin.planner.link.measure_link_locally`). For dualpipe, dualpipev,
+   1f1b, zb1p (and zbv) the simulator predicts the step from that cost file, with the uniform cut the
+   run uses, and the real pipeline runs on 4 gloo processes: ``measured / simulated``. Next to it, the
+   simulator as before this planner (nominal per-chunk costs, free hops).
+2. **The reference MoE model, P = 2** (x EP = 2: 4 processes; 4 blocks with emulated compute and real
+   all-to-alls, as ``bench compare``'s MoE entries, overlap off). Profiled by all 4 processes, the two of
+   each EP group in lock step (the blocks' all-to-alls need the peer; the box as busy as in the run), then
+   the same comparison.
+
+The dualpipev run of part 1 also draws ``docs/planner_timeline.png``: the measured timeline (the
+executor's record of the last step) under the simulated one for the same costs. Results go to
+``benchmarks/results/planner_calibration.json`` with the load average before and after. Run it at low
+load: the ratios are the runtime's timing on an idle 2-core box.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+GOAL_SCHEDULES = ("dualpipe", "dualpipev", "1f1b", "zb1p")
+
+
+def _load() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def _steps_ms(reports: list[dict]) -> list[float]:
+    from dualpipe_plugin.bench.spans import step_times_ms
+
+    return step_times_ms([r["spans"] for r in reports])
+
+
+def _measured_rows(reports: list[dict]) -> list[list[tuple]]:
+    """Per rank (action, start, end) on one clock: each rank's record is relative to its own step start."""
+    from dualpipe_plugin.schedules import parse_action
+
+    origin = min(r["started"] for r in reports)
+    rows = []
+    for report in reports:
+        offset = (report["started"] - origin) * 1e3
+        rows.append([(parse_action(a), s + offset, e + offset) for a, s, e in report["timeline"]])
+    return rows
+
+
+def emulated(args) -> dict:
+    from dualpipe_plugin.bench.planned import PlannedRun, model_layers, run_planned_rank
+    from dualpipe_plugin.launch import run_local
+    from dualpipe_plugin.planner.link import measure_link_locally
+    from dualpipe_plugin.planner.profile import profile_model
+    from dualpipe_plugin.schedules import CostModel, build_schedule, simulate
+    from dualpipe_plugin.schedules.cuts import uniform_bounds
+    from dualpipe_plugin.schedules.plan import cost_model_of, profile_slicer
+    from dualpipe_plugin.schedules.render import write_side_by_side_png
+
+    ranks, microbatches = 4, 16
+    _, target = model_layers("uniform8")
+    profile = profile_model(target).with_link(measure_link_locally(ranks))
+    slicer = profile_slicer(profile)
+    rows = {}
+    for name in (*GOAL_SCHEDULES, "zbv"):
+        schedule = build_schedule(name, ranks, microbatches)
+        stages = schedule.placement.num_stages
+        costs = cost_model_of(profile, slicer, uniform_bounds(len(slicer), stages))
+        predicted = simulate(schedule, costs)
+        per_chunk = 8 // stages * 10.0
+        nominal = simulate(schedule, CostModel(F=per_chunk, B=2 * per_chunk, W=per_chunk)).makespan
+        run = PlannedRun(model="uniform8", schedule=name, microbatches=microbatches, steps=args.steps,
+                         record=name == "dualpipev")
+        reports = run_local(run_planned_rank, ranks, (run,), timeout_s=600)
+        steps = _steps_ms(reports)
+        measured = statistics.median(steps)
+        rows[name] = {"measured_ms": round(measured, 2), "simulated_ms": round(predicted.makespan, 2),
+                      "ratio": round(measured / predicted.makespan, 4), "steps_ms": [round(s, 2) for s in steps],
+                      "uncalibrated_simulated_ms": nominal, "uncalibrated_ratio": round(measured / nominal, 4)}
+        print(f"emulated {name:10s} measured {measured:8.1f} ms  simulated {predicted.makespan:8.1f} ms  "
+              f"ratio {measured / predicted.makespan:.4f}  (uncalibrated {measured / nominal:.4f})", flush=True)
+        if name == "dualpipev" and args.picture:
+            write_side_by_side_png(
+                [("simulated (calibrated costs)", predicted.timed_rows()), ("measured", _measured_rows(reports))],
+                ROOT / "docs" / "planner_timeline.png",
+                title=f"dualpipev P={ranks} C={microbatches}: simulated {predicted.makespan:.0f} ms, measured "
+                      f"{measured:.0f} ms",
+            )
+    return {"profile": profile.to_dict(), "schedules": rows}
+
+
+def moe(args) -> dict:
+    from dualpipe_plugin.bench.planned import MoERun, moe_profile_rank, run_moe_rank
+    from dualpipe_plugin.launch import run_local
+    from dualpipe_plugin.planner.link import measure_link_locally
+    from dualpipe_plugin.schedules import build_schedule, simulate
+    from dualpipe_plugin.schedules.cost_file import CostProfile
+    from dualpipe_plugin.schedules.cuts import uniform_bounds
+    from dualpipe_plugin.schedules.plan import cost_model_of, profile_slicer
+
+    ranks, ep = 2, 2
+    base = MoERun(ranks=ranks, steps=args.steps)
+    profile = CostProfile.from_dict(run_local(moe_profile_rank, ranks * ep, (base,), timeout_s=600)[0])
+    profile = profile.with_link(measure_link_locally(ranks))
+    slicer = profile_slicer(profile)
+    rows = {}
+    for name in GOAL_SCHEDULES:
+        schedule = build_schedule(name, ranks, base.microbatches)
+        costs = cost_model_of(profile, slicer, uniform_bounds(len(slicer), schedule.placement.num_stages))
+        predicted = simulate(schedule, costs).makespan
+        run = MoERun(schedule=name, ranks=ranks, steps=args.steps)
+        reports = run_local(run_moe_rank, ranks * ep, (run,), timeout_s=600)
+        steps = _steps_ms(reports)
+        measured = statistics.median(steps)
+        rows[name] = {"measured_ms": round(measured, 2), "simulated_ms": round(predicted, 2),
+                      "ratio": round(measured / predicted, 4), "steps_ms": [round(s, 2) for s in steps]}
+        print(f"moe      {name:10s} measured {measured:8.1f} ms  simulated {predicted:8.1f} ms  "
+              f"ratio {measured / predicted:.4f}", flush=True)
+    return {"profile": profile.to_dict(), "schedules": rows}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=("emulated", "moe"), default=None)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--no-picture", dest="picture", action="store_false")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "planner_calibration.json"))
+    args = parser.parse_args()
+    sys.path.insert(0, str(ROOT))
+    from dualpipe_plugin.bench.machine import machine_facts
+
+    result = {"benchmark": "planner_calibration", "machine": machine_facts(), "load_before": _load()}
+    if args.only in (None, "emulated"):
+        result["emulated_P4_C16"] = emulated(args)
+    if args.only in (None, "moe"):
+        result["moe_P2_EP2_C16"] = moe(args)
+    result["load_after"] = _load()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out} (load before {result['load_before']}, after {result['load_after']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
