@@ -227,15 +227,30 @@ def _check_records(records: list[_RankRecord], source: _Source, schedule: str) -
 class FollowedParameters:
     """The exchanged parameter groups of a pipeline: applied to the re-partitioned module by :meth:`after_rebuild`."""
 
-    def __init__(self, source: _Source, found: dict[str, tuple[_Group, int]], mine: _RankRecord, schedule: str):
+    def __init__(self, source: _Source, found: dict[str, tuple[_Group, int]], mine: _RankRecord, schedule: str,
+                 group: Any = None):
         self._source = source
         self._found = found
         self._mine = mine
         self._schedule = schedule
+        self._group = group  # the pipeline's process group: a refusal on one rank is raised on all
 
     def after_rebuild(self, module: torch.nn.Module) -> dict:
         """Point the optimizer (or model_parameters) at ``module``'s new parameters; returns the
-        ``deepspeed.initialize`` arguments to replace."""
+        ``deepspeed.initialize`` arguments to replace. A refusal on any rank of the pipeline is raised on
+        every rank (one ``all_gather_object``): the others would otherwise wait in DeepSpeed's next collective."""
+        try:
+            arguments, problem = self._follow(module), None
+        except DeepSpeedPipelineConfigError as error:
+            arguments, problem = None, f"pipeline rank {self._mine.rank}: {error}"
+        problems: list[Any] = [None] * torch.distributed.get_world_size(self._group)
+        torch.distributed.all_gather_object(problems, problem, group=self._group)
+        first = next((p for p in problems if p), None)
+        if first is not None:
+            raise DeepSpeedPipelineConfigError(first)
+        return arguments
+
+    def _follow(self, module: torch.nn.Module) -> dict:
         keys: list[tuple[int, tuple]] = []
         groups: dict[tuple[int, tuple], dict] = {}
         for name, param in module.named_parameters():
@@ -322,7 +337,7 @@ def record_parameters(model, arguments: dict, schedule: str) -> FollowedParamete
     records: list[Any] = [None] * grid.get_pipe_parallel_world_size()
     torch.distributed.all_gather_object(records, mine, group=grid.get_pipe_parallel_group())
     found = _check_records(records, source, schedule)
-    return FollowedParameters(source, found, mine, schedule)
+    return FollowedParameters(source, found, mine, schedule, grid.get_pipe_parallel_group())
 
 
 def check_group_counts(engine, schedule: str) -> None:

@@ -953,6 +953,17 @@ def run_optimizer_refusal_rank(rank: int, world_size: int) -> dict[str, tuple | 
         optimizer = torch.optim.AdamW([{"params": first}, {"params": second, "weight_decay": 0.0}], lr=0.01)
         return init(model, optimizer)
 
+    def scheduler_missing_group():  # rank 0 built one group, rank 1 two: rank 0's scheduler has one entry
+        model = build_pipeline_module(case)
+        params = list(model.parameters())
+        if model.stage_id == 0:
+            optimizer = torch.optim.AdamW(params, lr=0.01)
+        else:
+            optimizer = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2]},
+                                           {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=0.01)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        return init(model, optimizer, lr_scheduler=scheduler)
+
     def mixed_model_parameters():
         model = build_pipeline_module(case)
         params = list(model.parameters())
@@ -961,7 +972,7 @@ def run_optimizer_refusal_rank(rank: int, world_size: int) -> dict[str, tuple | 
 
     return {name: _initialize_error(build) for name, build in [
         ("stepped", stepped), ("lbfgs", lbfgs), ("foreign", foreign), ("tied_conflict", tied_conflict),
-        ("mixed_model_parameters", mixed_model_parameters)]}
+        ("mixed_model_parameters", mixed_model_parameters), ("scheduler_missing_group", scheduler_missing_group)]}
 
 
 def run_forward_refusal_rank(rank: int, world_size: int) -> dict[str, Any]:

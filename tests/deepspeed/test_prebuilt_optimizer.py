@@ -86,6 +86,9 @@ def test_what_cannot_follow_is_refused_on_every_rank() -> None:
         "tied_conflict": r"parameter 'tied_modules\.proj\.weight' .* group 0 on pipeline rank 0 but in group 1 on "
                          r"pipeline rank 1 .*same rule on every rank",
         "mixed_model_parameters": r"mixes parameter-group dicts and tensors",
+        # raised where the scheduler lacks the entry (rank 0) and, through the exchange, on rank 1 too
+        "scheduler_missing_group": r"^pipeline rank 0: .*group\(s\) \[1\], which its LR scheduler \(LambdaLR, "
+                                   r"lr_lambdas: 1 value\(s\)\) has no entry for",
     }
     for rank_errors in errors:
         for name, pattern in expected.items():
