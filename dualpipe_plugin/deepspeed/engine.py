@@ -557,7 +557,10 @@ class DualPipeEngine(PipelineEngine):
             if not getattr(p, "ds_pipe_replicated", False) and (tp_rank == 0 or is_model_parallel_parameter(p))
         ]
         total = torch.stack(counted).pow(2.0).sum().float() if counted else torch.zeros((), device=params[0].device)
-        dist.all_reduce(total, group=self.grid.get_model_parallel_group())
+        if self.grid.get_slice_parallel_world_size() == 1:  # the model-parallel group is the pipeline: timed
+            self._dualpipe.executor.all_reduce_sum(total, what="the gradient norm for clipping")
+        else:
+            dist.all_reduce(total, group=self.grid.get_model_parallel_group())
         total = replicas_agree_on_norm(total.pow(0.5))
         coefficient = torch.clamp(self.gradient_clipping() / (total + 1e-6), max=1.0)
         for p in params:

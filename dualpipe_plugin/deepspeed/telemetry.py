@@ -252,11 +252,9 @@ def feed_deepspeed_timers(timers, clock: StepClock) -> None:
 
 def _pipeline_bubble(engine, clock: StepClock) -> float:
     """Idle share of the pipeline's rank-time (its ranks' busy and span summed with one all-reduce)."""
-    from deepspeed import comm as dist
-
     totals = torch.tensor([clock.busy_s, clock.span_s], dtype=torch.float64, device=engine.device)
-    if engine.is_pipe_parallel:
-        dist.all_reduce(totals, group=engine.grid.get_pipe_parallel_group())
+    if engine.is_pipe_parallel:  # through the executor: under the pipeline's timeout, naming a lost rank
+        engine.pipeline_executor.all_reduce_sum(totals, what="the pipeline bubble fraction")
     busy, span = totals.tolist()
     return 0.0 if span <= 0 else max(0.0, 1.0 - busy / span)
 
