@@ -104,4 +104,5 @@ def test_engine_subclass_built_without_deepspeed_initialize() -> None:
     results = launch_case(case, engine_factory=partial(initialize_pipeline_engine, _CountingEngine))
     assert_bit_exact(results, reference_run(case))
     for result in results:
-        assert result.extras == {"ForwardPass": case.steps * case.micro_batches, "BackwardPass": 0}
+        counts = {key: result.extras[key] for key in ("ForwardPass", "BackwardPass")}
+        assert counts == {"ForwardPass": case.steps * case.micro_batches, "BackwardPass": 0}

@@ -153,14 +153,33 @@ def test_megatron_args_files_parse(monkeypatch: pytest.MonkeyPatch) -> None:
         assert args, path
         for words in args:
             assert words[0].startswith("--") and len(words) <= 2, f"{path.name}: {' '.join(words)}"
-        assert ["--pipeline-schedule", path.name.split("_")[0]] in args, path.name
-        if PRETRAIN_GPT.exists():  # the file is what launch/pretrain_gpt.py takes, on the 8 GPUs it is sized for
+        megatron_lm = path.name.startswith("megatron_lm_")  # Megatron-LM's own pretrain() arguments
+        schedule = path.name.removeprefix("megatron_lm_").split("_")[0].removesuffix(".args")
+        assert ["--pipeline-schedule", schedule] in args, path.name
+        if megatron_lm:
+            _parse_with_megatron_lm(monkeypatch, [w for ws in args for w in ws], schedule)
+        elif PRETRAIN_GPT.exists():  # the file is what launch/pretrain_gpt.py takes, on the 8 GPUs it is sized for
             spec = importlib.util.spec_from_file_location("pretrain_gpt", PRETRAIN_GPT)
             pretrain_gpt = importlib.util.module_from_spec(spec)
             monkeypatch.setitem(sys.modules, "pretrain_gpt", pretrain_gpt)  # its dataclasses look it up
             spec.loader.exec_module(pretrain_gpt)
             parsed = pretrain_gpt.validate_args(pretrain_gpt.parse_args([w for ws in args for w in ws]), 8)
             assert parsed.num_microbatches >= 2 * parsed.pipeline_model_parallel_size
+
+
+def _parse_with_megatron_lm(monkeypatch: pytest.MonkeyPatch, argv: list[str], schedule: str) -> None:
+    """Megatron-LM's own parser with the plugin's flags takes the file (where megatron.training is installed)."""
+    from dualpipe_plugin.megatron.compat import ships_megatron_training
+
+    if not ships_megatron_training():
+        return
+    from megatron.training.arguments import parse_args
+
+    from dualpipe_plugin.megatron.args import add_pipeline_schedule_args
+
+    monkeypatch.setattr(sys, "argv", ["pretrain_gpt.py", *argv])
+    parsed = parse_args(extra_args_provider=add_pipeline_schedule_args)
+    assert parsed.pipeline_schedule == schedule
 
 
 # --- bad input: one line, no traceback, before any rank starts ---------------------------------------------
