@@ -35,6 +35,7 @@ The reference runs with one intra-op thread, like the spawned ranks, so matmul r
 
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -812,6 +813,19 @@ def _initialize_error(build: Callable[[], Any]) -> tuple[str, str, bool] | None:
     except Exception as error:  # noqa: BLE001 - the test inspects the type
         return type(error).__name__, str(error), isinstance(error, ValueError)
     return None
+
+
+def assert_refused_on_every_rank(errors: list[dict], expected: dict[str, str], *, one_line: bool = False) -> None:
+    """Every rank's ``name -> _initialize_error`` result is a DeepSpeedPipelineConfigError (a ValueError) whose
+    message matches ``expected[name]`` (a regex; one line when ``one_line``), the same on every rank."""
+    for rank_errors in errors:
+        for name, pattern in expected.items():
+            assert rank_errors[name] is not None, f"{name}: no error"
+            kind, message, is_value_error = rank_errors[name]
+            assert (kind, is_value_error) == ("DeepSpeedPipelineConfigError", True), (name, kind, message)
+            assert re.search(pattern, message), (name, message)
+            assert not one_line or "\n" not in message, (name, message)
+    assert all(rank_errors == errors[0] for rank_errors in errors), "every rank raises the same error"
 
 
 def run_bad_input_rank(rank: int, world_size: int) -> dict[str, tuple | None]:
