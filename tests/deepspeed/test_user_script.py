@@ -11,7 +11,7 @@ copy per stage and adds the two at the end, and the clipping norm sums in anothe
 rounding into visible weight differences where gradients are ~0 (the attention's key bias), so weights
 are not compared with TrainSchedule here. Bit-exact training and resumes against TrainSchedule are
 tested in test_prebuilt_optimizer.py and test_checkpoint_placement.py (fp32, untied). A refused resume
-ends with one ``error:`` line on every rank.
+ends with one ``error:`` line on the ranks that print before DeepSpeed's launcher stops the rest.
 """
 
 from __future__ import annotations
@@ -113,14 +113,17 @@ def _resume_chain(tmp_path: Path, middle: str, reference: list[float], *model: s
 def test_user_script_dense_resumes_across_schedules_and_refuses_a_plain_deepspeed_checkpoint(tmp_path: Path) -> None:
     """Plain DeepSpeed (no plugin import) trains 4 steps and saves: the reference, and a checkpoint without
     a placement record. dualpipev -> TrainSchedule ("schedule": "deepspeed") -> dualpipev against it. Then
-    the plain-DeepSpeed checkpoint resumed in full under dualpipev: one error line on every rank."""
+    the plain-DeepSpeed checkpoint resumed in full under dualpipev: one error line, no traceback."""
     stock = str(tmp_path / "stock")
     reference = _trained(tmp_path, "deepspeed", "--no-plugin", "--steps", "4", "--save", stock)
     _resume_chain(tmp_path, "deepspeed", reference)
     code, output, _ = _launch(tmp_path, "dualpipev", "--steps", "5", "--load", stock)
     assert code != 0 and "Traceback" not in output, output[-6000:]
     errors = [line for line in output.splitlines() if "user_script.py: error:" in line]
-    assert len(errors) == 4 and len(set(errors)) == 1, errors  # one line, the same, on each of the 4 ranks
+    # One line, the same, on each rank that got to print it: DeepSpeed's launcher kills the other ranks as
+    # soon as one exits non-zero, so a rank slower to print can be gone first (every rank raising the same
+    # error is checked in-process by test_checkpoint_placement.py).
+    assert 1 <= len(errors) <= 4 and len(set(errors)) == 1, errors
     assert re.search(r"written by DeepSpeed without dualpipe_plugin .*load_module_only=True", errors[0]), errors[0]
 
 
