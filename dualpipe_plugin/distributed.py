@@ -1,9 +1,14 @@
-"""Process-group start-up that survives torchrun's elastic restarts.
+"""What every rank of a launched job does at its start and at a refused exit.
 
+Start-up that survives torchrun's elastic restarts.
 After a worker dies, torchrun restarts every worker against the same rendezvous store. gloo's mesh
 set-up then reads the peer addresses the *dead* workers published and fails with "connection refused".
 :func:`init_distributed` gives each restart attempt its own key space (``TORCHELASTIC_RESTART_COUNT``),
 so a restarted job connects cleanly. Outside torchrun it is a plain ``init_process_group``.
+
+A refused exit: :func:`print_error_line` writes a rank's one-line error in one ``write``, so the lines of
+ranks sharing a launcher's pipe never cut into each other (``print`` under ``python -u``, as the deepspeed
+launcher starts ranks, writes the text and its newline separately).
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import os
 
 import torch.distributed as dist
 
-__all__ = ["init_distributed"]
+__all__ = ["init_distributed", "print_error_line"]
 
 
 def init_distributed(backend: str | None = None, timeout_s: float = 600.0) -> None:
@@ -37,6 +42,14 @@ def init_distributed(backend: str | None = None, timeout_s: float = 600.0) -> No
                           timeout=timeout)
     dist.init_process_group(backend, store=dist.PrefixStore(f"attempt{attempt}", store), rank=rank,
                             world_size=world, timeout=timeout)
+
+
+def print_error_line(line: str) -> None:
+    """``line`` and a newline to stderr in one write (whole, up to the pipe's atomic size of 4 KiB)."""
+    import sys
+
+    sys.stderr.flush()
+    os.write(sys.stderr.fileno(), (line.replace("\n", " ") + "\n").encode("utf-8", "replace"))
 
 
 def _cuda() -> bool:

@@ -20,6 +20,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from dualpipe_plugin.distributed import print_error_line
+
 _USAGE = "usage: python -m dualpipe_plugin.megatron.run_megatron_lm [--cpu] SCRIPT.py [script arguments]"
 
 
@@ -57,7 +59,7 @@ def _cli() -> int:
     except ValueError as error:  # MegatronScheduleError, PipelineConfigError, ScheduleConfigError
         rank = os.environ.get("RANK")
         where = f" (rank {rank})" if rank is not None else ""
-        print(f"run_megatron_lm: error{where}: {error}", file=sys.stderr, flush=True)
+        print_error_line(f"run_megatron_lm: error{where}: {error}")
         return 2
     return 0
 

@@ -123,7 +123,7 @@ def test_user_script_dense_resumes_across_schedules_and_refuses_a_plain_deepspee
     # One line, the same, on each rank that got to print it: DeepSpeed's launcher kills the other ranks as
     # soon as one exits non-zero, so a rank slower to print can be gone first (every rank raising the same
     # error is checked in-process by test_checkpoint_placement.py).
-    assert 1 <= len(errors) <= 4 and len(set(errors)) == 1, errors
+    assert 1 <= len(errors) <= 4 and len(set(errors)) == 1, "\n".join(errors)
     assert re.search(r"written by DeepSpeed without dualpipe_plugin .*load_module_only=True", errors[0]), errors[0]
 
 

@@ -30,6 +30,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
+from dualpipe_plugin.distributed import print_error_line  # noqa: E402
 from dualpipe_plugin.examples.deepspeed_gpt.model import (  # noqa: E402
     VOCAB,
     Block,
@@ -164,7 +165,7 @@ def main(argv=None) -> int:
     try:
         train(args)
     except ValueError as error:  # DeepSpeedPipelineConfigError and its kin: the user's mistake, one line
-        print(f"user_script.py: error: {error}", file=sys.stderr, flush=True)
+        print_error_line(f"user_script.py: error: {error}")
         return 2
     return 0
 

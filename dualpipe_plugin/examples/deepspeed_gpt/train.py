@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import time
 
 import torch
 
+from dualpipe_plugin.distributed import print_error_line
 from dualpipe_plugin.examples.deepspeed_gpt.data import batches, make_corpus
 from dualpipe_plugin.examples.deepspeed_gpt import job
 from dualpipe_plugin.examples.deepspeed_gpt.job import PROG, UsageError
@@ -100,7 +100,7 @@ def main(argv=None) -> int:
             return 0
         train(args, config)
     except UsageError as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
+        print_error_line(f"{PROG}: error: {error}")
         return 2
     return 0
 

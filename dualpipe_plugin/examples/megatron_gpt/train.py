@@ -11,6 +11,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from dualpipe_plugin.distributed import print_error_line
 from dualpipe_plugin.examples.megatron_gpt.arguments import PROG, parse_args, validate_args
 from dualpipe_plugin.megatron.checkpointing import load_checkpoint, save_checkpoint
 from dualpipe_plugin.examples.megatron_gpt.model import build_model, model_config, reference_model
@@ -164,6 +165,6 @@ def command_line(argv: list[str] | None = None) -> int:
     try:
         main(argv)
     except MegatronScheduleError as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
+        print_error_line(f"{PROG}: error: {error}")
         return 2
     return 0
