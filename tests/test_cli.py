@@ -272,3 +272,25 @@ def test_bad_paths_and_numbers_are_refused_at_the_door(capsys, tmp_path, monkeyp
     assert code == 2 and out == ""
     _assert_one_clear_error(err, argv[0], fix)
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written, nothing created
+
+
+_CHECKER = (
+    "import sys\n"
+    "from dualpipe_plugin.commands.paths import check_output_file, make_output_dir\n"
+    "from pathlib import Path\n"
+    "for _ in range(300):\n"
+    "    check_output_file(sys.argv[1])\n"
+    "    make_output_dir(Path(sys.argv[2]), '--runs-dir', sys.argv[2])\n"
+)
+
+
+def test_ranks_checking_the_same_output_path_at_once_do_not_trip_each_other(tmp_path: Path) -> None:
+    """Under torchrun every rank checks the same --out at the door (seen failing: one rank removed the
+    file another had just created to test it)."""
+    out, runs = str(tmp_path / "costs.json"), str(tmp_path / "runs")
+    procs = [subprocess.Popen([sys.executable, "-c", _CHECKER, out, runs], cwd=Path(__file__).resolve().parent.parent,
+                              stderr=subprocess.PIPE, text=True)
+             for _ in range(4)]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert all(p.returncode == 0 for p in procs), errors
+    assert not Path(out).exists() and list(Path(runs).iterdir()) == []

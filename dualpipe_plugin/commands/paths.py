@@ -50,8 +50,17 @@ def _check_components(path: Path, option: str, raw: str) -> None:
         raise UsageError(f"{option} {raw}: {ancestor} is a file, not a folder; choose a path inside a folder")
 
 
+def _probe(folder: Path, name: str) -> None:
+    """Create and remove a file in ``folder`` named after ``name`` and this process, so that the ranks of a
+    distributed launch checking the same path at once never remove each other's probe."""
+    probe = folder / f".{name}.{os.getpid()}.probe"
+    probe.write_bytes(b"")
+    probe.unlink()
+
+
 def check_output_file(raw: str, option: str = "--out", suffixes: tuple[str, ...] = ()) -> Path:
-    """``raw`` can be written as a file (checked by creating it, then removing it if it was not there)."""
+    """``raw`` can be written as a file: an existing file opened for appending, else a probe file created and
+    removed beside it (the target itself is never created or removed here)."""
     if not raw or raw.endswith(("/", os.sep)):
         raise UsageError(f"{option} {raw!r} names a folder; give a file name, e.g. {raw or './'}timeline.png")
     path = Path(raw)
@@ -61,13 +70,13 @@ def check_output_file(raw: str, option: str = "--out", suffixes: tuple[str, ...]
     if path.is_dir():
         raise UsageError(f"{option} {raw} is an existing folder; give a file name inside it, e.g. {path / 'out'}"
                          f"{suffixes[0] if suffixes else '.json'}")
-    existed = path.exists()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "ab"):
-            pass
-        if not existed:
-            path.unlink()
+        if path.exists():
+            with open(path, "ab"):  # an existing file: writable as it is (nothing created, nothing removed)
+                pass
+        else:
+            _probe(path.parent, path.name)
     except OSError as error:
         raise UsageError(
             f"{option} {raw} cannot be written ({error.strerror or error}); choose a writable path"
@@ -78,11 +87,9 @@ def check_output_file(raw: str, option: str = "--out", suffixes: tuple[str, ...]
 def make_output_dir(path: Path, option: str, raw: str) -> Path:
     """Create the folder ``path`` (under the user's ``raw`` option value) and show that files can be written in it."""
     _check_components(path / "probe", option, raw)
-    probe = path / ".write-test"
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink()
+        _probe(path, "write-test")
     except OSError as error:
         raise UsageError(f"{option} {raw}: cannot write into {path} ({error.strerror or error}); choose a writable "
                          f"folder") from None
