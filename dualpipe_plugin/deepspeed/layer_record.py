@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from dualpipe_plugin.deepspeed.agreement import first_problem_in_pipeline
 from dualpipe_plugin.deepspeed.config import DeepSpeedPipelineConfigError
 
 __all__ = ["LayerRecord", "describe_layers", "exchange_records", "carry_over"]
@@ -111,14 +112,11 @@ def carry_over(module, built: dict[str, LayerRecord], schedule: str) -> None:
         if difference is not None:
             problems.append(f"layer {key} ({type(layer).__name__}) was changed after the PipelineModule was "
                             f"built: {difference}")
-    grid = module._grid
-    gathered: list = [None] * grid.get_pipe_parallel_world_size()
-    torch.distributed.all_gather_object(gathered, problems, group=grid.get_pipe_parallel_group())
-    found = [problem for rank_problems in gathered for problem in rank_problems]
-    if found:
+    found = first_problem_in_pipeline(problems[0] if problems else None, module._grid.get_pipe_parallel_group())
+    if found is not None:
         raise DeepSpeedPipelineConfigError(
             f"pipeline.schedule={schedule!r} rebuilds this pipeline's layers from their LayerSpecs inside "
-            f"deepspeed.initialize, which would drop that change ({found[0]}; e.g. an "
+            f"deepspeed.initialize, which would drop that change ({found}; e.g. an "
             f"adapter injection): make the change inside the "
             f"layer's class (or after deepspeed.initialize), or leave out \"schedule\""
         )

@@ -40,6 +40,7 @@ from typing import Any, Iterable
 
 import torch
 
+from dualpipe_plugin.deepspeed.agreement import first_problem_in_pipeline
 from dualpipe_plugin.deepspeed.config import DeepSpeedPipelineConfigError
 
 __all__ = ["FollowedParameters", "check_group_counts", "record_parameters"]
@@ -238,14 +239,12 @@ class FollowedParameters:
     def after_rebuild(self, module: torch.nn.Module) -> dict:
         """Point the optimizer (or model_parameters) at ``module``'s new parameters; returns the
         ``deepspeed.initialize`` arguments to replace. A refusal on any rank of the pipeline is raised on
-        every rank (one ``all_gather_object``): the others would otherwise wait in DeepSpeed's next collective."""
+        every rank (:func:`~dualpipe_plugin.deepspeed.agreement.first_problem_in_pipeline`)."""
         try:
             arguments, problem = self._follow(module), None
         except DeepSpeedPipelineConfigError as error:
             arguments, problem = None, f"pipeline rank {self._mine.rank}: {error}"
-        problems: list[Any] = [None] * torch.distributed.get_world_size(self._group)
-        torch.distributed.all_gather_object(problems, problem, group=self._group)
-        first = next((p for p in problems if p), None)
+        first = first_problem_in_pipeline(problem, self._group)
         if first is not None:
             raise DeepSpeedPipelineConfigError(first)
         return arguments
