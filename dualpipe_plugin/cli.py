@@ -12,6 +12,8 @@ import importlib
 import sys
 from typing import Sequence
 
+from dualpipe_plugin.distributed import print_error_line
+
 __all__ = ["main", "UsageError"]
 
 # name -> (module, one-line help). Each module defines add_arguments(parser) and run(args) -> int.
@@ -48,11 +50,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return importlib.import_module(args._module).run(args)
     except ValueError as error:  # every user-input error of the package is a ValueError subclass
-        print(f"dualpipe-plugin {args.command}: error: {error}", file=sys.stderr)
+        print_error_line(f"dualpipe-plugin {args.command}: error: {error}")  # whole, even from many ranks
         return 2
     except OSError as error:  # a path that passed the checks at the door failed later (disk full, removed)
-        print(f"dualpipe-plugin {args.command}: error: {error}; check the paths given and the free space there",
-              file=sys.stderr)
+        print_error_line(f"dualpipe-plugin {args.command}: error: {error}; check the paths given and the free space "
+                         f"there")
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

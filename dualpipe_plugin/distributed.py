@@ -16,13 +16,13 @@ from __future__ import annotations
 import datetime
 import os
 
-import torch.distributed as dist
-
 __all__ = ["init_distributed", "print_error_line"]
 
 
 def init_distributed(backend: str | None = None, timeout_s: float = 600.0) -> None:
     """Initialise the default process group from torchrun/SLURM-style env vars (RANK, WORLD_SIZE, MASTER_*)."""
+    import torch.distributed as dist  # here, so that print_error_line costs no torch import (the CLI uses it)
+
     if dist.is_initialized():
         return
     backend = backend or ("nccl" if _cuda() else "gloo")
@@ -46,10 +46,18 @@ def init_distributed(backend: str | None = None, timeout_s: float = 600.0) -> No
 
 def print_error_line(line: str) -> None:
     """``line`` and a newline to stderr in one write (whole, up to the pipe's atomic size of 4 KiB)."""
+    import io
     import sys
 
+    text = line.replace("\n", " ") + "\n"
     sys.stderr.flush()
-    os.write(sys.stderr.fileno(), (line.replace("\n", " ") + "\n").encode("utf-8", "replace"))
+    try:
+        descriptor = sys.stderr.fileno()
+    except (AttributeError, ValueError, io.UnsupportedOperation):  # a captured stream (pytest, a notebook)
+        sys.stderr.write(text)
+        sys.stderr.flush()
+        return
+    os.write(descriptor, text.encode("utf-8", "replace"))
 
 
 def _cuda() -> bool:
