@@ -184,6 +184,8 @@ class PipelineExecutor:
         self._schedules: dict[int, Schedule] = {}
         self._io_tables: dict[int, dict[Op, OpIO]] = {}
         self._op_io: dict[Op, OpIO] = {}
+        self._plain_tables: dict[int, frozenset[tuple[int, int]]] = {}
+        self._plain_forwards: frozenset[tuple[int, int]] = frozenset()
         self.placement = self.spec.placement(transport.size)
         placement = self.placement
         if len(self.chunks) != placement.num_chunks:
@@ -268,7 +270,22 @@ class PipelineExecutor:
             validate(schedule)
             self._schedules[num_microbatches] = schedule
             self._io_tables[num_microbatches] = {op: op_io(schedule, self.rank, op) for op in schedule.ops(self.rank)}
+            self._plain_tables[num_microbatches] = self._full_backward_keys(schedule)
         return schedule
+
+    def _full_backward_keys(self, schedule: Schedule) -> frozenset[tuple[int, int]]:
+        """(chunk, micro-batch) of this rank's forwards whose backward is a full ``B`` run outside the overlap
+        engine (which captures a pair's backward): their split Linears may run plain (see weight_grad)."""
+        keys = set()
+        for action in schedule.actions[self.rank]:
+            if isinstance(action, Pair):
+                overlapped = self.overlap is not None and self.overlap.supports(action.forward.chunk,
+                                                                                 action.backward.chunk)
+                if not overlapped:
+                    keys.add(action.backward.key)
+            elif action.kind is OpKind.B:
+                keys.add(action.key)
+        return frozenset(keys)
 
     # -- who holds the losses, and moving them ----------------------------------------------------
     @property
@@ -339,6 +356,7 @@ class PipelineExecutor:
              on_action: Callable[[ActionTiming], None] | None) -> StepOutcome:
         self._schedule, self._hooks = schedule, hooks
         self._op_io = self._io_tables[num_microbatches]
+        self._plain_forwards = self._plain_tables[num_microbatches] if self._split_bindings else frozenset()
         self._forward_only, self._return_outputs = forward_only, return_outputs
         self._loss_divisor = loss_divisor
         self._stash.clear()
@@ -514,7 +532,12 @@ class PipelineExecutor:
     def _run_forward(self, op: Op) -> None:
         inputs = self.forward_inputs(op)
         microbatch = self._schedule.global_microbatch(op.chunk, op.microbatch)
-        outputs = self._hooks.forward(op.chunk, microbatch, inputs)
+        plain = op.key in self._plain_forwards
+        self.store.split_forwards = not plain
+        try:
+            outputs = self._hooks.forward(op.chunk, microbatch, inputs)
+        finally:
+            self.store.split_forwards = True
         self.forward_finish(op, inputs, outputs)
 
     def backward_grads(self, op: Op) -> tuple[_Stash, tuple[torch.Tensor, ...] | None]:
@@ -544,9 +567,14 @@ class PipelineExecutor:
     def _run_backward(self, op: Op) -> None:
         stash, grads = self.backward_grads(op)
         split = op.kind is OpKind.I and bool(self._split_bindings)
-        with self.store.capture(op.key) if split else nullcontext():
-            if stash.roots:
-                torch.autograd.backward(stash.roots, grads)
+        # A full B recomputes (activation checkpointing) with plain Linears, as its forward ran.
+        self.store.split_forwards = split or op.key not in self._plain_forwards
+        try:
+            with self.store.capture(op.key) if split else nullcontext():
+                if stash.roots:
+                    torch.autograd.backward(stash.roots, grads)
+        finally:
+            self.store.split_forwards = True
         self.backward_finish(op, stash)
 
     def _run_weight(self, op: Op) -> None:

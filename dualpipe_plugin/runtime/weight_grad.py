@@ -20,6 +20,12 @@ Which layers split:
 - any module with a ``bind_weight_grad_store(store)`` method (the emulated device, the MoE experts);
 - everything else (norms, embeddings, a tied head calling ``F.linear`` itself) computes its weight
   gradients in ``I``, as in a full backward: correct, just not deferred.
+
+A forward whose backward will be a full ``B`` has nothing to defer: the executor clears
+:attr:`WeightGradStore.split_forwards` around it, and the swapped ``nn.Linear`` then runs plain
+``F.linear``, so its weight gradients come out of the same autograd pass as in any backward instead of
+one nested autograd call per layer. Clearing it is only ever an optimisation: a layer that ran plain
+whose backward is captured after all computes its weight gradients in the ``I``, still exactly.
 """
 
 from __future__ import annotations
@@ -43,6 +49,9 @@ class WeightGradStore:
     """Queues of deferred weight-gradient closures, keyed by (chunk, micro-batch)."""
 
     def __init__(self) -> None:
+        self.split_forwards = True
+        """False while a forward runs whose backward is a full ``B`` (set by the executor): the swapped
+        Linears run plain ``F.linear`` (see the module docstring)."""
         self._capturing: tuple[int, int] | None = None
         self._pending: dict[tuple[int, int], list[GradClosure]] = {}
         # Joins the graph of a split layer whose input needs no gradient (raw data into the first
@@ -164,7 +173,7 @@ def _split_linear_forward(module: nn.Linear, store: WeightGradStore):
     def forward(x: torch.Tensor) -> torch.Tensor:
         weight, bias = module.weight, module.bias
         trainable = weight.requires_grad or (bias is not None and bias.requires_grad)
-        if not torch.is_grad_enabled() or not trainable:
+        if not torch.is_grad_enabled() or not trainable or not store.split_forwards:
             return F.linear(x, weight, bias)
         anchor = None if x.requires_grad else store.anchor
         return _SplitLinear.apply(x, anchor, (weight, bias), store)

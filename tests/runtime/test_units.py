@@ -15,7 +15,7 @@ from dualpipe_plugin.runtime.errors import PipelineConfigError
 from dualpipe_plugin.runtime.meta import HEADER_LEN, TensorMeta, decode_header, describe, encode_header
 from dualpipe_plugin.runtime.pipeline import split_stages, stage_modules
 from dualpipe_plugin.runtime.weight_grad import WeightGradStore, bind_weight_split
-from dualpipe_plugin.schedules import build_schedule
+from dualpipe_plugin.schedules import OpKind, Pair, build_schedule
 from tests.runtime.harness import Case, compare_to_reference, one_thread, reference, run_pipeline
 
 
@@ -321,3 +321,25 @@ def test_one_rank_pipeline_in_process(case: Case) -> None:
     assert [torch.equal(a, b) for a, b in zip(report["total_losses"], ref["mean_loss"])] == [True] * case.steps
     if case.optimizer:
         assert all(torch.equal(report["params"][name], value) for name, value in ref["params"].items())
+
+
+@pytest.mark.parametrize("checkpoint", [False, True], ids=["plain", "ckpt"])
+@pytest.mark.parametrize("schedule", ["dualpipev", "1f1b"])
+def test_a_full_backward_hands_no_weight_gradient_over_by_hand(schedule: str, checkpoint: bool, monkeypatch) -> None:
+    """Forwards whose backward is a full B run their split Linears plain (weight_grad's module docstring):
+    weight gradients reach autograd by hand only in W ops, never once per Linear inside a B, and the
+    step stays bit-exact (activation checkpointing's recompute included)."""
+    import dualpipe_plugin.runtime.weight_grad as weight_grad
+
+    handed_over = []
+    original = weight_grad.accumulate_weight_grads
+    monkeypatch.setattr(weight_grad, "accumulate_weight_grads",
+                        lambda grads: (handed_over.append(len(grads)), original(grads))[1])
+    case = Case(schedule, 1, 4, checkpoint=checkpoint)
+    report = run_pipeline(0, 1, case, transport=Loopback())
+    compare_to_reference(case, [report], reference(case))
+    actions = build_schedule(schedule, 1, 4).actions[0]
+    full_backwards = sum(1 for a in actions if isinstance(a, Pair) or a.kind is OpKind.B)
+    weight_ops = sum(1 for a in actions if not isinstance(a, Pair) and a.kind is OpKind.W)
+    assert full_backwards > 0
+    assert len(handed_over) == weight_ops
