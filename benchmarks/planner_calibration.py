@@ -4,18 +4,21 @@
     .venv/bin/python benchmarks/planner_calibration.py --only emulated --steps 3 --out /tmp/cal.json
 
 1. **Emulated device, P = 4, C = 16.** The model is ``bench compare``'s: 8 emulated layers, F = I = W =
-   10 ms each. It is profiled as a user would (:func:`~dualpipe_plugin.planner.profile.profile_model` on
-   this process: per-layer times, the runtime's per-action overhead) and the hop is measured on 4 local
-   gloo processes (:func:`~dualpipe_plugin.planner.link.measure_link_locally`). For dualpipe, dualpipev,
+   10 ms each. It is profiled as ``dualpipe-plugin profile --ranks 4`` does: per-layer times on this
+   process (:func:`~dualpipe_plugin.planner.profile.profile_model`), the hop and the runtime's per-action
+   overhead on 4 local gloo processes (:func:`~dualpipe_plugin.planner.link.measure_link_locally`,
+   :func:`~dualpipe_plugin.planner.overhead.measure_action_overhead_locally`: the model cut into 4 stages,
+   short 1F1B and ZB1P steps at C = 8). For dualpipe, dualpipev,
    1f1b, zb1p (and zbv) the simulator predicts the step from that cost file, with the uniform cut the
    run uses, and the real pipeline runs on 4 gloo processes: ``measured / simulated``. Next to it, the
    simulator as before this planner (nominal per-chunk costs, free hops).
 2. **The reference MoE model, P = 2** (x EP = 2: 4 processes; 4 blocks with emulated compute and real
    all-to-alls, as ``bench compare``'s MoE entries, overlap off). Profiled by all 4 processes, the two of
-   each EP group in lock step (the blocks' all-to-alls need the peer; the box as busy as in the run), then
-   the same comparison.
+   each EP group in lock step (the blocks' all-to-alls need the peer; the box as busy as in the run), the
+   overhead on both replicas' pipeline groups at once, then the same comparison.
 
-The dualpipev run of part 1 also draws ``docs/planner_timeline.png``: the measured timeline (the
+Each schedule runs ``--rounds`` times (default 3), the schedules in turn, and the measured step is the
+median of the rounds' medians. The dualpipev run of part 1 also draws ``docs/planner_timeline.png``: the measured timeline (the
 executor's record of the last step) under the simulated one for the same costs. Results go to
 ``benchmarks/results/planner_calibration.json`` with the load average before and after. Run it at low
 load: the ratios are the runtime's timing on an idle 2-core box.
@@ -56,10 +59,35 @@ def _measured_rows(reports: list[dict]) -> list[list[tuple]]:
     return rows
 
 
+def _rounds(part: str, names, run_one, predicted: dict[str, float], rounds: int) -> dict:
+    """Every schedule once per round, rounds in turn (a slow spell of the box spreads over all of them);
+    the measured step is the median of the per-round medians."""
+    medians: dict[str, list[float]] = {name: [] for name in names}
+    steps: dict[str, list[list[float]]] = {name: [] for name in names}
+    for round_index in range(rounds):
+        for name in names:
+            times = run_one(name)
+            steps[name].append([round(t, 2) for t in times])
+            medians[name].append(statistics.median(times))
+            print(f"{part:8s} round {round_index} {name:10s} {medians[name][-1]:8.1f} ms", flush=True)
+    rows = {}
+    for name in names:
+        measured = statistics.median(medians[name])
+        rows[name] = {"measured_ms": round(measured, 2), "simulated_ms": round(predicted[name], 2),
+                      "ratio": round(measured / predicted[name], 4),
+                      "round_medians_ms": [round(m, 2) for m in medians[name]], "steps_ms": steps[name]}
+        print(f"{part:8s} {name:10s} measured {measured:8.1f} ms  simulated {predicted[name]:8.1f} ms  "
+              f"ratio {measured / predicted[name]:.4f}", flush=True)
+    return rows
+
+
 def emulated(args) -> dict:
-    from dualpipe_plugin.bench.planned import PlannedRun, model_layers, run_planned_rank
+    from functools import partial
+
+    from dualpipe_plugin.bench.planned import PlannedRun, model_target, run_planned_rank
     from dualpipe_plugin.launch import run_local
     from dualpipe_plugin.planner.link import measure_link_locally
+    from dualpipe_plugin.planner.overhead import measure_action_overhead_locally
     from dualpipe_plugin.planner.profile import profile_model
     from dualpipe_plugin.schedules import CostModel, build_schedule, simulate
     from dualpipe_plugin.schedules.cuts import uniform_bounds
@@ -67,34 +95,39 @@ def emulated(args) -> dict:
     from dualpipe_plugin.schedules.render import write_side_by_side_png
 
     ranks, microbatches = 4, 16
-    _, target = model_layers("uniform8")
-    profile = profile_model(target).with_link(measure_link_locally(ranks))
+    profile = profile_model(model_target("uniform8"), overhead_microbatches=0)
+    profile = profile.with_link(measure_link_locally(ranks)).with_runtime(
+        measure_action_overhead_locally(partial(model_target, "uniform8"), profile.layers, ranks))
     slicer = profile_slicer(profile)
-    rows = {}
-    for name in (*GOAL_SCHEDULES, "zbv"):
+    names = (*GOAL_SCHEDULES, "zbv")
+    predicted, nominal = {}, {}
+    for name in names:
         schedule = build_schedule(name, ranks, microbatches)
         stages = schedule.placement.num_stages
-        costs = cost_model_of(profile, slicer, uniform_bounds(len(slicer), stages))
-        predicted = simulate(schedule, costs)
+        predicted[name] = simulate(schedule, cost_model_of(profile, slicer, uniform_bounds(len(slicer), stages)))
         per_chunk = 8 // stages * 10.0
-        nominal = simulate(schedule, CostModel(F=per_chunk, B=2 * per_chunk, W=per_chunk)).makespan
+        nominal[name] = simulate(schedule, CostModel(F=per_chunk, B=2 * per_chunk, W=per_chunk)).makespan
+    last_reports = {}
+
+    def run_one(name: str) -> list[float]:
         run = PlannedRun(model="uniform8", schedule=name, microbatches=microbatches, steps=args.steps,
                          record=name == "dualpipev")
-        reports = run_local(run_planned_rank, ranks, (run,), timeout_s=600)
-        steps = _steps_ms(reports)
-        measured = statistics.median(steps)
-        rows[name] = {"measured_ms": round(measured, 2), "simulated_ms": round(predicted.makespan, 2),
-                      "ratio": round(measured / predicted.makespan, 4), "steps_ms": [round(s, 2) for s in steps],
-                      "uncalibrated_simulated_ms": nominal, "uncalibrated_ratio": round(measured / nominal, 4)}
-        print(f"emulated {name:10s} measured {measured:8.1f} ms  simulated {predicted.makespan:8.1f} ms  "
-              f"ratio {measured / predicted.makespan:.4f}  (uncalibrated {measured / nominal:.4f})", flush=True)
-        if name == "dualpipev" and args.picture:
-            write_side_by_side_png(
-                [("simulated (calibrated costs)", predicted.timed_rows()), ("measured", _measured_rows(reports))],
-                ROOT / "docs" / "planner_timeline.png",
-                title=f"dualpipev P={ranks} C={microbatches}: simulated {predicted.makespan:.0f} ms, measured "
-                      f"{measured:.0f} ms",
-            )
+        last_reports[name] = run_local(run_planned_rank, ranks, (run,), timeout_s=600)
+        return _steps_ms(last_reports[name])
+
+    rows = _rounds("emulated", names, run_one, {n: p.makespan for n, p in predicted.items()}, args.rounds)
+    for name in names:
+        rows[name]["uncalibrated_simulated_ms"] = nominal[name]
+        rows[name]["uncalibrated_ratio"] = round(rows[name]["measured_ms"] / nominal[name], 4)
+    if args.picture:
+        measured = rows["dualpipev"]["measured_ms"]
+        write_side_by_side_png(
+            [("simulated (calibrated costs)", predicted["dualpipev"].timed_rows()),
+             ("measured", _measured_rows(last_reports["dualpipev"]))],
+            ROOT / "docs" / "planner_timeline.png",
+            title=f"dualpipev P={ranks} C={microbatches}: simulated {predicted['dualpipev'].makespan:.0f} ms, "
+                  f"measured {measured:.0f} ms",
+        )
     return {"profile": profile.to_dict(), "schedules": rows}
 
 
@@ -112,26 +145,25 @@ def moe(args) -> dict:
     profile = CostProfile.from_dict(run_local(moe_profile_rank, ranks * ep, (base,), timeout_s=600)[0])
     profile = profile.with_link(measure_link_locally(ranks))
     slicer = profile_slicer(profile)
-    rows = {}
+    predicted = {}
     for name in GOAL_SCHEDULES:
         schedule = build_schedule(name, ranks, base.microbatches)
         costs = cost_model_of(profile, slicer, uniform_bounds(len(slicer), schedule.placement.num_stages))
-        predicted = simulate(schedule, costs).makespan
+        predicted[name] = simulate(schedule, costs).makespan
+
+    def run_one(name: str) -> list[float]:
         run = MoERun(schedule=name, ranks=ranks, steps=args.steps)
-        reports = run_local(run_moe_rank, ranks * ep, (run,), timeout_s=600)
-        steps = _steps_ms(reports)
-        measured = statistics.median(steps)
-        rows[name] = {"measured_ms": round(measured, 2), "simulated_ms": round(predicted, 2),
-                      "ratio": round(measured / predicted, 4), "steps_ms": [round(s, 2) for s in steps]}
-        print(f"moe      {name:10s} measured {measured:8.1f} ms  simulated {predicted:8.1f} ms  "
-              f"ratio {measured / predicted:.4f}", flush=True)
+        return _steps_ms(run_local(run_moe_rank, ranks * ep, (run,), timeout_s=600))
+
+    rows = _rounds("moe", GOAL_SCHEDULES, run_one, predicted, args.rounds)
     return {"profile": profile.to_dict(), "schedules": rows}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=("emulated", "moe"), default=None)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=5, help="measured steps per run")
+    parser.add_argument("--rounds", type=int, default=3, help="runs of every schedule, in turn")
     parser.add_argument("--no-picture", dest="picture", action="store_false")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "planner_calibration.json"))
     args = parser.parse_args()

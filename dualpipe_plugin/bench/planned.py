@@ -112,6 +112,12 @@ def model_layers(name: str) -> tuple[list, Any]:
     raise ValueError(f"unknown model {name!r}; one of {', '.join(MODELS)}")
 
 
+def model_target(name: str) -> Any:
+    """The profile target of a named model (picklable as ``partial(model_target, name)``: a spawned
+    process builds its own copy, as the runtime-overhead probe on local processes needs)."""
+    return model_layers(name)[1]
+
+
 def _dense_batch(microbatches: int, rows: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
     shape = (microbatches * rows, dim)
@@ -323,10 +329,13 @@ def _moe_workload(run: MoERun):
 def moe_profile_rank(rank: int, world_size: int, run: MoERun) -> dict:
     """Every process of the P x EP layout profiles the model, the two of each EP group in lock step (the
     blocks' all-to-alls need the peer), so the machine is as busy as during the run; rank 0's profile is
-    the cost file. The embedding and head attach to the first and last block, as ``moe_chunks`` places them."""
+    the cost file. The embedding and head attach to the first and last block, as ``moe_chunks`` places them.
+    The runtime overhead is measured on each replica's pipeline group, both replicas at once (stage p of
+    both exchanges its all-to-alls over the same EP group)."""
     from dualpipe_plugin.bench.peers_deepspeed import DeepSpeedMoEBlock
     from dualpipe_plugin.moe import Embedding, Head, lm_loss, new_expert_parallel
     from dualpipe_plugin.planner.profile import ProfileTarget, profile_model
+    from dualpipe_plugin.runtime.transport import TorchTransport, new_pipeline_groups
 
     workload = _moe_workload(run)
     ep = new_expert_parallel([[p + e * run.ranks for e in range(world_size // run.ranks)] for p in range(run.ranks)])
@@ -338,7 +347,11 @@ def moe_profile_rank(rank: int, world_size: int, run: MoERun) -> dict:
     target = ProfileTarget(layers=layers, inputs=tokens[:rows], loss=partial(_on_labels, lm_loss, labels[:rows]),
                            attach=["next"] + [None] * run.blocks + ["previous"],
                            model=f"reference MoE model, {run.blocks} blocks, EP={world_size}, emulated compute")
-    return profile_model(target).to_dict()
+    pipelines = [[replica * run.ranks + p for p in range(run.ranks)] for replica in range(world_size // run.ranks)]
+    groups = new_pipeline_groups(pipelines)
+    replica = rank // run.ranks
+    transport = TorchTransport(pipelines[replica], groups=groups[replica])
+    return profile_model(target, transport=transport).to_dict()
 
 
 def _on_labels(loss_fn, labels, output):

@@ -1,13 +1,17 @@
 """``dualpipe-plugin profile --model MODULE:CALLABLE --out costs.json [--ranks N] [--repeats R] [--warmup W]``.
 
 ``CALLABLE()`` returns a :class:`~dualpipe_plugin.planner.profile.ProfileTarget` (the model's layers, one
-micro-batch, the loss). The model is profiled on this process; the pipeline group's hop is measured:
+micro-batch, the loss). The layers are profiled on this process; the pipeline group's hop and the
+runtime's overhead per action (the model cut into one stage per rank, short 1F1B and ZB1P steps) are
+measured:
 
 * under ``torchrun`` (its environment, or a process group already started, of more than one rank): on
-  the real group, the world in rank order (every rank runs
-  the command and profiles; rank 0 writes the file);
-* with ``--ranks N`` outside torchrun: on N local gloo processes (this machine's loopback);
-* otherwise not at all: the file says so, with zero latency for the user to edit.
+  the real group, the world in rank order (every rank runs the command and profiles; rank 0 writes the
+  file);
+* with ``--ranks N`` outside torchrun: on N local gloo processes (this machine's loopback), each building
+  the model with ``CALLABLE()``;
+* otherwise the hop not at all (the file says so, with zero latency for the user to edit) and the
+  overhead by one-rank runs on this process, a rougher figure.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+from functools import partial
 
 from dualpipe_plugin.cli import UsageError
 from dualpipe_plugin.commands.paths import check_output_file
@@ -32,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=5, help="measured runs per layer (the median is kept)")
     parser.add_argument("--warmup", type=int, default=2, help="unmeasured runs per layer first")
     parser.add_argument("--no-overhead", action="store_true",
-                        help="skip measuring the runtime's per-action overhead (a one-rank pipeline run)")
+                        help="skip measuring the runtime's per-action overhead (short pipeline steps on the group)")
 
 
 def load_target(spec: str):
@@ -67,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
                          "measured, leave --ranks out")
     out = check_output_file(args.out, suffixes=(".json",))
     from dualpipe_plugin.planner.link import measure_link, measure_link_locally
+    from dualpipe_plugin.planner.overhead import measure_action_overhead_locally
     from dualpipe_plugin.planner.profile import profile_model
 
     transport = None
@@ -79,14 +85,18 @@ def run(args: argparse.Namespace) -> int:
             dist.init_process_group("nccl" if _cuda() else "gloo")
         transport = TorchTransport(list(range(dist.get_world_size())))
     target = load_target(args.model)
-    costs = profile_model(target, repeats=args.repeats, warmup=args.warmup,
-                          overhead_microbatches=0 if args.no_overhead else 8)
+    local_group = bool(args.ranks) and not args.no_overhead
+    costs = profile_model(target, repeats=args.repeats, warmup=args.warmup, transport=transport,
+                          overhead_microbatches=0 if args.no_overhead or local_group else 8)
     if transport is not None:
         costs = costs.with_link(measure_link(transport))
         if transport.rank != 0:
             return 0
     elif args.ranks:
         costs = costs.with_link(measure_link_locally(args.ranks))
+        if local_group:
+            costs = costs.with_runtime(measure_action_overhead_locally(partial(_target_of, args.model), costs.layers,
+                                                                       args.ranks))
     costs.save(out)
     link = costs.link
     hop = (f"hop {link.latency_ms:.3f} ms" + (f", {link.bandwidth_bytes_per_s / 1e9:.2f} GB/s"
@@ -94,6 +104,12 @@ def run(args: argparse.Namespace) -> int:
     overhead = ", ".join(f"{kind} {value:.3f}" for kind, value in zip("FIWB", costs.runtime.overhead))
     print(f"wrote {out}: {len(costs.layers)} layers; runtime overhead per action (ms): {overhead}; {hop}")
     return 0
+
+
+def _target_of(spec: str):
+    """The ProfileTarget of ``MODULE:CALLABLE`` in a spawned process (the parent already checked it)."""
+    module_name, _, attr = spec.partition(":")
+    return getattr(importlib.import_module(module_name), attr)()
 
 
 def _launched_world() -> int:

@@ -1,13 +1,24 @@
 """The runtime's own time per action on this machine: what the executor adds around the layers' work.
 
 The profiler times each layer alone. In a pipeline every action also pays the executor's loop, its
-bookkeeping and the first instructions after a wait or a sleep (slow on a CPU whose cores idled: caches
-gone cold), and that differs by op kind (a ``W`` runs the deferred closures, an ``I`` captures them).
-:func:`measure_action_overhead` runs the real :class:`~dualpipe_plugin.runtime.pipeline.DualPipeline` on
-this process as one-rank pipelines over the profiled layers, 1F1B (F, B actions) and ZB1P (F, I, W), with
-the executor's own record of each action (no transfers: a pipeline of one rank has none). An action's
-overhead is its recorded span plus the loop's time before it, less the layers' profiled time for that
-op; the median per kind is kept. Transfers are the link's part (:mod:`~dualpipe_plugin.planner.link`).
+bookkeeping, launching its transfers and the first instructions after a wait or a sleep (slow on a CPU
+whose cores idled: caches gone cold), and that differs by op kind (a ``W`` runs the deferred closures, an
+``I`` captures them). Two ways to measure it, both with the real
+:class:`~dualpipe_plugin.runtime.pipeline.DualPipeline` and the executor's own record of each action:
+
+* :func:`measure_action_overhead_on_group` (under ``torch.distributed``; ``..._locally`` spawns local
+  processes): the model cut uniformly into one stage per pipeline rank, 1F1B (F, B actions) and ZB1P
+  (F, I, W) steps on the real group, every rank as busy as in a step. An action's overhead is its busy
+  span (its receive waits left out, as in the record) less its stage's profiled time for that op; the
+  median per kind on each rank, averaged over the ranks. This is the figure the simulator needs: on this
+  2-core box it puts dualpipe, dualpipev, 1f1b and zb1p within 2% of their measured steps
+  (``benchmarks/planner_calibration.py``).
+* :func:`measure_action_overhead` (no group): one-rank pipelines over all the layers on this process, no
+  transfers. An action's overhead is its recorded span plus the loop's time before it, less the layers'
+  profiled time. Only a fallback: alone, a process sees neither the other ranks' load nor a transfer, and
+  its figures wander from run to run (B 0 to 2 ms on the emulated model here).
+
+Transfers themselves are the link's part (:mod:`~dualpipe_plugin.planner.link`).
 """
 
 from __future__ import annotations
@@ -20,9 +31,12 @@ from torch import nn
 
 from dualpipe_plugin.runtime.errors import PipelineConfigError
 from dualpipe_plugin.runtime.pipeline import DualPipeline
-from dualpipe_plugin.schedules.cost_file import LayerCost, Runtime
+from dualpipe_plugin.schedules.cost_file import CostProfile, LayerCost, Runtime
+from dualpipe_plugin.schedules.cuts import uniform_bounds
 
-__all__ = ["measure_action_overhead"]
+__all__ = ["measure_action_overhead", "measure_action_overhead_on_group", "measure_action_overhead_locally"]
+
+_KINDS = "FIWB"
 
 
 class _SoloTransport:
@@ -44,6 +58,19 @@ class _SoloTransport:
 
     def barrier(self, *, what: str = "", timeout_s: float | None = None) -> None:
         return None
+
+
+def _chunk_loss(loss: Callable[[Any], torch.Tensor] | None):
+    """The pipeline's ``loss_fn(*outputs, labels)`` for a row whose last layer's output feeds ``loss``."""
+
+    def loss_fn(*values):
+        outputs = values[:-1]
+        output = outputs[0] if len(outputs) == 1 else tuple(outputs)
+        if loss is not None:
+            return loss(output)
+        return sum(t.float().mean() for t in outputs if t.is_floating_point())
+
+    return loss_fn
 
 
 class _Row(nn.Module):
@@ -92,14 +119,7 @@ def measure_action_overhead(
     row = _Row(layers)
     device = next((p.device for p in row.parameters()), torch.device("cpu"))
     labels = torch.zeros(microbatches, device=device)
-
-    def loss_fn(*values):
-        outputs = values[:-1]
-        output = outputs[0] if len(outputs) == 1 else tuple(outputs)
-        if loss is not None:
-            return loss(output)
-        return sum(t.float().mean() for t in outputs if t.is_floating_point())
-
+    loss_fn = _chunk_loss(loss)
     layer_time = {
         "F": sum(c.forward_ms for c in costs), "B": sum(c.backward_ms for c in costs),
         "I": sum(c.input_grad_ms for c in costs), "W": sum(c.weight_grad_ms for c in costs),
@@ -119,4 +139,75 @@ def measure_action_overhead(
             pipe.close()
             row.zero_grad(set_to_none=True)
     overhead = {kind: max(0.0, statistics.median(excess[kind])) for kind in "FIWB"}
-    return Runtime(**overhead)
+    return Runtime(**overhead, note=f"one-rank 1F1B and ZB1P runs over all the layers on one process, {microbatches} "
+                                    f"micro-batches, median excess per action kind (no transfers, no other ranks)")
+
+
+def _stage_time(costs: Sequence[LayerCost]) -> dict[str, float]:
+    return {"F": sum(c.forward_ms for c in costs), "B": sum(c.backward_ms for c in costs),
+            "I": sum(c.input_grad_ms for c in costs), "W": sum(c.weight_grad_ms for c in costs)}
+
+
+def measure_action_overhead_on_group(
+    target: Any,
+    costs: Sequence[LayerCost],
+    transport: Any,
+    *,
+    microbatches: int | None = None,
+    steps: int = 3,
+    warmup: int = 1,
+) -> Runtime:
+    """Milliseconds the executor adds to each action of each kind on the pipeline group of ``transport``
+    (module docstring). ``target`` is the :class:`~dualpipe_plugin.planner.profile.ProfileTarget` whose
+    layers ``costs`` profiled; every rank of the group calls this with its own copy of the model and gets the
+    same answer. A group of one rank, or a model of fewer cuttable units than ranks, falls back to
+    :func:`measure_action_overhead`."""
+    ranks, rank = transport.size, transport.rank
+    units = CostProfile(layers=tuple(costs)).unit_spans()
+    if ranks < 2 or len(units) < ranks:
+        return measure_action_overhead(target.layers, target.inputs, costs, loss=target.loss, steps=steps,
+                                       warmup=warmup)
+    bounds = CostProfile(layers=tuple(costs)).layer_bounds(uniform_bounds(len(units), ranks))
+    start, stop = bounds[rank], bounds[rank + 1]
+    row = _Row(target.layers[start:stop])
+    stage_time = _stage_time(costs[start:stop])
+    device = transport.device
+    count = microbatches or 2 * ranks
+    inputs = _batch(target.inputs, count) if rank == 0 else None
+    labels = torch.zeros(count, device=device) if rank == ranks - 1 else None
+    excess: dict[str, list[float]] = {}
+    for schedule in ("1f1b", "zb1p"):
+        pipe = DualPipeline([row], schedule, loss_fn=_chunk_loss(target.loss), transport=transport, overlap=False)
+        try:
+            for step in range(warmup + steps):
+                row.zero_grad(set_to_none=True)
+                result = pipe.step(inputs, labels, num_microbatches=count, reduce_loss=False,
+                                   record=step >= warmup)
+                for action, began, ended in result.timeline:
+                    kind = str(action)[0]
+                    excess.setdefault(kind, []).append(ended - began - stage_time[kind])
+        finally:
+            pipe.close()
+            row.zero_grad(set_to_none=True)
+    figures = torch.tensor([statistics.median(excess[kind]) for kind in _KINDS], dtype=torch.float64, device=device)
+    transport.all_reduce_sum(figures, what="the runtime overhead probe's result", timeout_s=120.0)
+    return Runtime(**{kind: max(0.0, float(value) / ranks) for kind, value in zip(_KINDS, figures)},
+                   note=f"measured on the pipeline group of {ranks} ranks: the model cut into {ranks} stages, 1F1B and "
+                        f"ZB1P steps of {count} micro-batches, median excess per action kind, mean over the ranks")
+
+
+def _local_rank(rank: int, world_size: int, make_target: Callable[[], Any], costs: Sequence[LayerCost],
+                kwargs: dict) -> Runtime:
+    from dualpipe_plugin.runtime.transport import TorchTransport
+
+    torch.set_num_threads(1)
+    return measure_action_overhead_on_group(make_target(), costs, TorchTransport(list(range(world_size))), **kwargs)
+
+
+def measure_action_overhead_locally(make_target: Callable[[], Any], costs: Sequence[LayerCost], ranks: int,
+                                    **kwargs) -> Runtime:
+    """:func:`measure_action_overhead_on_group` on ``ranks`` local gloo processes, each building the model
+    with ``make_target()`` (a picklable callable returning the ProfileTarget ``costs`` profiled)."""
+    from dualpipe_plugin.launch import run_local
+
+    return run_local(_local_rank, ranks, (make_target, tuple(costs), kwargs), timeout_s=600)[0]

@@ -1,7 +1,7 @@
 """``profile_model``: measure a user's model on this process and return its cost file.
 
 >>> target = ProfileTarget.from_layers(layers, inputs=x, loss=lambda y: y.pow(2).mean())
->>> costs = profile_model(target)                       # per-layer F, I, W, B, bytes; runtime overhead
+>>> costs = profile_model(target, transport=transport)  # per-layer F, I, W, B, bytes; runtime overhead on the group
 >>> costs = costs.with_link(measure_link(transport))    # under torch.distributed: one hop of the group
 >>> costs.save("costs.json")                            # then: dualpipe-plugin advise --profile costs.json
 
@@ -21,7 +21,7 @@ import torch
 
 from dualpipe_plugin.planner.layers import OptimizerFactory, default_optimizer, profile_layer_row
 from dualpipe_plugin.planner.meter import tensors_in
-from dualpipe_plugin.planner.overhead import measure_action_overhead
+from dualpipe_plugin.planner.overhead import measure_action_overhead, measure_action_overhead_on_group
 from dualpipe_plugin.runtime.weight_grad import WeightSplitter
 from dualpipe_plugin.schedules.cost_file import SOURCES, CostProfile, LayerCost, LinkCost, Runtime
 
@@ -92,10 +92,14 @@ def profile_model(
     split_weights: bool = True,
     overhead_microbatches: int = 8,
     link: LinkCost | None = None,
+    transport: Any = None,
 ) -> CostProfile:
     """Profile ``target`` on this process (see the module docstring): every layer's times and bytes, and the
-    runtime's overhead per action of each kind (``overhead_microbatches=0`` skips it). ``link`` goes into the file as
-    given (default: not measured, zero, with a note saying how to measure it)."""
+    runtime's overhead per action of each kind (``overhead_microbatches=0`` skips it): measured on the pipeline
+    group of ``transport`` when given (every rank of the group calls ``profile_model``, see
+    :func:`~dualpipe_plugin.planner.overhead.measure_action_overhead_on_group`), else by one-rank runs on
+    this process. ``link`` goes into the file as given (default: not measured, zero, with a note saying how to
+    measure it)."""
     if repeats < 1 or warmup < 0:
         raise ValueError(f"profile needs repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
     costs: list[LayerCost] = profile_layer_row(
@@ -105,7 +109,9 @@ def profile_model(
     if target.attach is not None:
         costs = [LayerCost(**{**_fields(cost), "attach": attach}) for cost, attach in zip(costs, target.attach)]
     runtime = Runtime()
-    if overhead_microbatches:
+    if overhead_microbatches and transport is not None:
+        runtime = measure_action_overhead_on_group(target, costs, transport)
+    elif overhead_microbatches:
         runtime = measure_action_overhead(target.layers, target.inputs, costs, loss=target.loss,
                                           microbatches=overhead_microbatches)
     shapes = [list(t.shape) for t in tensors_in(target.inputs)]

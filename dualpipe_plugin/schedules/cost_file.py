@@ -22,7 +22,8 @@ One file, one model at one micro-batch shape. Times in milliseconds, sizes in by
       ],
       "runtime": {"overhead_ms": {"F": 0.2, "I": 0.4, "W": 0.5, "B": 0.4},  # the executor's own time
                                                 # per action of each kind on this machine
-                  "pair_factor": 1.0},          # an F&B pair lasts pair_factor * (F + B)
+                  "pair_factor": 1.0,           # an F&B pair lasts pair_factor * (F + B)
+                  "note": "..."},               # how the overhead was measured
       "link": {"latency_ms": 0.4, "bandwidth_bytes_per_s": 2.5e9,   # one P2P hop of the pipeline group
                "measured": true, "note": "..."}
     }
@@ -110,6 +111,8 @@ class Runtime:
     W: float = 0.0
     B: float = 0.0
     pair_factor: float = 1.0
+    note: str = ""
+    """How the figures were measured (on the pipeline group, or by one-rank runs)."""
 
     @property
     def overhead(self) -> tuple[float, float, float, float]:
@@ -117,7 +120,8 @@ class Runtime:
         return (self.F, self.I, self.W, self.B)
 
     def to_dict(self) -> dict:
-        return {"overhead_ms": {"F": self.F, "I": self.I, "W": self.W, "B": self.B}, "pair_factor": self.pair_factor}
+        return {"overhead_ms": {"F": self.F, "I": self.I, "W": self.W, "B": self.B}, "pair_factor": self.pair_factor,
+                "note": self.note}
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -185,6 +189,9 @@ class CostProfile:
     def with_link(self, link: LinkCost) -> "CostProfile":
         return replace(self, link=link)
 
+    def with_runtime(self, runtime: Runtime) -> "CostProfile":
+        return replace(self, runtime=runtime)
+
     @classmethod
     def from_dict(cls, data: Any, where: str = "costs") -> "CostProfile":
         if not isinstance(data, dict):
@@ -218,6 +225,7 @@ class CostProfile:
             runtime=Runtime(
                 **{kind: _number(f"{where}.runtime.overhead_ms", kind, overhead.get(kind, 0.0)) for kind in "FIWB"},
                 pair_factor=pair_factor,
+                note=str(runtime.get("note", "")),
             ),
             link=LinkCost(
                 latency_ms=_number(f"{where}.link", "latency_ms", link.get("latency_ms", 0.0)),

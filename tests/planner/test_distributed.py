@@ -9,6 +9,8 @@ from torch import nn
 
 from dualpipe_plugin.launch import run_local
 from dualpipe_plugin.planner.link import measure_link_locally
+from dualpipe_plugin.planner.overhead import measure_action_overhead_locally
+from dualpipe_plugin.planner.profile import ProfileTarget, profile_model
 from dualpipe_plugin.runtime.errors import PipelineConfigError
 from dualpipe_plugin.runtime.pipeline import split_stages
 from dualpipe_plugin.schedules.cost_file import load_costs
@@ -20,6 +22,26 @@ def test_the_link_probe_measures_a_hop_on_local_processes():
     assert link.measured and link.latency_ms > 0
     assert link.bandwidth_bytes_per_s is None or link.bandwidth_bytes_per_s > 0
     assert "ping-pong between pipeline ranks 0 and 1" in link.note
+
+
+def _four_blocks() -> ProfileTarget:
+    torch.manual_seed(0)
+    layers = [nn.Sequential(nn.Linear(16, 16), nn.Tanh()) for _ in range(4)]
+    return ProfileTarget.from_layers(layers, torch.randn(4, 16), loss=_square_mean)
+
+
+def _square_mean(output):
+    return output.pow(2).mean()
+
+
+@pytest.mark.slow
+def test_the_runtime_overhead_is_measured_on_the_group():
+    """Each of 2 processes holds half of the model and runs 1F1B and ZB1P steps: every kind gets a figure,
+    and a forward costs more in a pipeline (receive, send, bookkeeping) than its layers alone."""
+    costs = profile_model(_four_blocks(), repeats=3, warmup=1, overhead_microbatches=0).layers
+    runtime = measure_action_overhead_locally(_four_blocks, costs, 2, steps=2, warmup=1)
+    assert all(value >= 0 and value < 50 for value in runtime.overhead)
+    assert runtime.F > 0 and "pipeline group of 2 ranks" in runtime.note
 
 
 def _profile_command_rank(rank: int, world_size: int, out: str) -> int:

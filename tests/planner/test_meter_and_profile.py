@@ -90,7 +90,7 @@ def test_profile_model_writes_a_cost_file_the_planner_reads(tmp_path):
     layers = [_block() for _ in range(4)]
     target = ProfileTarget.from_layers(layers, torch.randn(8, 16), loss=lambda y: y.pow(2).mean())
     profile = profile_model(target, repeats=1, warmup=0, overhead_microbatches=2)
-    assert min(profile.runtime.overhead) >= 0
+    assert min(profile.runtime.overhead) >= 0 and "one-rank" in profile.runtime.note
     assert not profile.link.measured and "not measured" in profile.link.note
     path = profile.save(tmp_path / "costs.json")
     assert load_costs(path).layers == profile.layers
@@ -116,6 +116,18 @@ def test_the_profile_command_writes_the_file(tmp_path, capsys, monkeypatch):
     assert "wrote" in capsys.readouterr().out
     profile = load_costs(out)
     assert len(profile.layers) == 8 and profile.layers[0].param_bytes == 4096 * 64 * F32
+
+
+@pytest.mark.slow
+def test_the_profile_command_measures_hop_and_overhead_on_local_processes(tmp_path, capsys):
+    out = tmp_path / "costs.json"
+    model = "dualpipe_plugin.planner.targets:heavy_ends"
+    assert main(["profile", "--model", model, "--out", str(out), "--repeats", "1", "--warmup", "0",
+                 "--ranks", "2"]) == 0
+    assert "runtime overhead per action" in capsys.readouterr().out
+    profile = load_costs(out)
+    assert profile.link.measured and "pipeline group of 2 ranks" in profile.runtime.note
+    assert all(value >= 0 for value in profile.runtime.overhead)
 
 
 @pytest.mark.parametrize("argv, message", [
