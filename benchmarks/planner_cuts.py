@@ -7,7 +7,8 @@ The model is :func:`~dualpipe_plugin.reference.heavy_ends.emulated_heavy_ends` o
 14 blocks of F = I = W = 4 ms and an embedding and an LM head 3x as heavy each, so a V's rank 0, which
 holds both ends, carries far more than the others under a uniform cut. The script
 
-1. profiles it as a user would (``profile_model`` here, the hop on 4 local gloo processes), writing
+1. profiles it as ``dualpipe-plugin profile --ranks 4`` would (the layers here, the hop and the runtime
+   overhead on 4 local gloo processes), writing
    ``benchmarks/results/planner_costs_emulated_heavy.json`` (the cost file);
 2. asks the planner for dualpipev at P=4, C=16 (``plan``, the exact cut search), and simulates the
    uniform cut with the same costs;

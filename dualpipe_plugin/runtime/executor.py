@@ -448,6 +448,9 @@ class PipelineExecutor:
                         self._pair_counted = False
                 else:
                     self._run_forward(action.forward)
+                    # Hand the forward's outputs on now, not after the backward half: the next stage can
+                    # start (the simulator's StageCostModel counts on it, see forward_leaves_at).
+                    self._comm.flush()
                     self._run_backward(action.backward)
         elif action.kind is OpKind.F:
             self._run_forward(action)

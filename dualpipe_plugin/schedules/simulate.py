@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from dualpipe_plugin.schedules.costs import CostModel, Costs
 from dualpipe_plugin.schedules.errors import ScheduleInvalidError
 from dualpipe_plugin.schedules.grid import format_grid
-from dualpipe_plugin.schedules.ir import Action, OpKind, Schedule
+from dualpipe_plugin.schedules.ir import Action, OpKind, Pair, Schedule
 from dualpipe_plugin.schedules.lowering import op_events
 from dualpipe_plugin.schedules.structure import check_structure
 
@@ -94,10 +94,12 @@ def _describe_wait(schedule: Schedule, rank: int, step: int, need: tuple, produc
     return f"rank {rank} step {step} ({action}) waits for {noun} of micro-batch {microbatch} at {at}"
 
 
-def _plan(schedule: Schedule, costs: Costs, rank: int) -> list[tuple[tuple, tuple, tuple, float]]:
+def _plan(schedule: Schedule, costs: Costs, rank: int) -> list[tuple[tuple, tuple, tuple, float, tuple]]:
     """Per action: the events it needs, their transfer times (paid when the producer is another rank),
-    the events it produces, and its duration."""
+    the events it produces, its duration, and when each produced event is out, from the action's start
+    (None: at its end; a cost model's optional ``forward_leaves_at`` moves a pair's forward outputs)."""
     placement = schedule.placement
+    early = getattr(costs, "forward_leaves_at", None)
     plan = []
     for action in schedule.actions[rank]:
         needs: tuple = ()
@@ -110,7 +112,10 @@ def _plan(schedule: Schedule, costs: Costs, rank: int) -> list[tuple[tuple, tupl
             produces += (op_produces,)
             stages.append(stage)
         transfers = tuple(costs.transfer_cost(need) for need in needs)
-        plan.append((needs, transfers, produces, costs.action_cost(action, tuple(stages))))
+        out_at: tuple = (None,) * len(produces)
+        if early is not None and isinstance(action, Pair):
+            out_at = (early(action, tuple(stages)), None)
+        plan.append((needs, transfers, produces, costs.action_cost(action, tuple(stages)), out_at))
     return plan
 
 
@@ -129,7 +134,7 @@ def walk(schedule: Schedule, costs: Costs) -> list[list[tuple[float, float]]]:
         rank = ready.popleft()
         plan, row, step, start = plans[rank], times[rank], position[rank], clock[rank]
         while step < len(plan):
-            needs, transfers, produces, duration = plan[step]
+            needs, transfers, produces, duration, out_at = plan[step]
             missing = None
             ready_at = start
             for need, transfer in zip(needs, transfers):
@@ -145,8 +150,8 @@ def walk(schedule: Schedule, costs: Costs) -> list[list[tuple[float, float]]]:
                 break
             end = ready_at + duration
             row.append((ready_at, end))
-            for event in produces:
-                finished[event] = (end, rank)
+            for event, offset in zip(produces, out_at):
+                finished[event] = (end if offset is None else ready_at + offset, rank)
                 if event in waiting:
                     ready.extend(waiting.pop(event))
             start = end

@@ -91,7 +91,9 @@ class StageCostModel:
     bookkeeping) beyond the layers' own time, as measured by the profiler."""
     pair_factor: float = 1.0
     """An overlapped F&B pair lasts ``pair_factor * (F + B)``: 1 when the pair runs one after the other,
-    below 1 when its communication hides behind the other half's compute."""
+    below 1 when its communication hides behind the other half's compute. A pair that runs one after the
+    other hands its forward's outputs on when its forward half ends (:meth:`forward_leaves_at`), as the
+    runtime does; an overlapped one at its end."""
 
     def __post_init__(self) -> None:
         if not self.stages:
@@ -125,6 +127,14 @@ class StageCostModel:
             pair = self.op_cost(OpKind.F, stages[0]) + self.op_cost(OpKind.B, stages[1])
             return self.pair_factor * pair + self.overhead
         return self.op_cost(action.kind, stages[0]) + self.overhead
+
+    def forward_leaves_at(self, action: Action, stages: tuple[int, ...]) -> float | None:
+        """For an F&B pair that runs one half after the other (``pair_factor`` 1): how long after the pair's
+        start its forward's outputs leave (the runtime launches them before the backward half starts). None:
+        with the action's end (any other action, or an overlapped pair, whose halves interleave)."""
+        if isinstance(action, Pair) and self.pair_factor == 1.0:
+            return self.op_cost(OpKind.F, stages[0])
+        return None
 
     def boundary_time(self, boundary: int) -> float:
         """One hop across the boundary between stage ``boundary`` and ``boundary + 1``."""

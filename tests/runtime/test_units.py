@@ -343,3 +343,37 @@ def test_a_full_backward_hands_no_weight_gradient_over_by_hand(schedule: str, ch
     weight_ops = sum(1 for a in actions if not isinstance(a, Pair) and a.kind is OpKind.W)
     assert full_backwards > 0
     assert len(handed_over) == weight_ops
+
+
+def _pair_send_rank(rank: int, world_size: int) -> tuple[int, int]:
+    """dualpipev P=2 with sequential pairs: (backward halves of pairs that found a queued send, pairs)."""
+    from dualpipe_plugin.runtime.executor import PipelineExecutor
+
+    seen = [0, 0]
+    run_backward = PipelineExecutor._run_backward
+
+    def checked(self, op):
+        if self._in_pair:
+            seen[0] += bool(self._comm._queued)
+            seen[1] += 1
+        return run_backward(self, op)
+
+    dispatch = PipelineExecutor._dispatch
+
+    def marking(self, action):
+        self._in_pair = isinstance(action, Pair)
+        return dispatch(self, action)
+
+    PipelineExecutor._run_backward, PipelineExecutor._dispatch = checked, marking
+    case = Case("dualpipev", world_size, 6)
+    run_pipeline(rank, world_size, case)
+    return tuple(seen)
+
+
+@pytest.mark.slow
+def test_a_sequential_pair_hands_its_forward_outputs_on_before_its_backward_half() -> None:
+    from dualpipe_plugin.launch import run_local
+
+    results = run_local(_pair_send_rank, 2, timeout_s=120)
+    assert all(pairs > 0 for _, pairs in results)
+    assert [queued for queued, _ in results] == [0, 0]

@@ -74,8 +74,9 @@ def test_bad_link_and_stage_values():
         simulate(schedule, too_few)
 
 
+@pytest.mark.parametrize("pair_factor", [0.9, 1.0], ids=["overlapped", "sequential"])
 @pytest.mark.parametrize("name", schedule_names())
-def test_timing_graph_equals_the_simulator_on_random_costs(name):
+def test_timing_graph_equals_the_simulator_on_random_costs(name, pair_factor):
     rng = random.Random(7)
     schedule = build_schedule(name, *SIZES[name])
     graph = TimingGraph(schedule)
@@ -84,11 +85,11 @@ def test_timing_graph_equals_the_simulator_on_random_costs(name):
         stages = tuple(StageCost(F=rng.uniform(0.5, 3), I=rng.uniform(0.5, 3), W=rng.uniform(0, 2),
                                  B=rng.uniform(1, 6)) for _ in range(num_stages))
         model = StageCostModel(stages=stages, boundary_bytes=tuple(rng.uniform(0, 1e6) for _ in range(num_stages - 1)),
-                               link=Link(latency=0.2, bytes_per_ms=1e6), overhead=0.1, pair_factor=0.9)
+                               link=Link(latency=0.2, bytes_per_ms=1e6), overhead=0.1, pair_factor=pair_factor)
         expected = simulate(schedule, model).makespan
         got = graph.makespan([s.F for s in stages], [s.I for s in stages], [s.W for s in stages],
                              [s.backward for s in stages], [model.boundary_time(b) for b in range(num_stages - 1)],
-                             overhead=0.1, pair_factor=0.9)
+                             overhead=0.1, pair_factor=pair_factor)
         assert got == pytest.approx(expected, rel=1e-12)
 
 
