@@ -449,7 +449,7 @@ class PipelineExecutor:
                 else:
                     self._run_forward(action.forward)
                     # Hand the forward's outputs on now, not after the backward half: the next stage can
-                    # start (the simulator's StageCostModel counts on it, see forward_leaves_at).
+                    # start (the simulator's StageCostModel counts on it, see forward_half).
                     self._comm.flush()
                     self._run_backward(action.backward)
         elif action.kind is OpKind.F:

@@ -94,28 +94,31 @@ def _describe_wait(schedule: Schedule, rank: int, step: int, need: tuple, produc
     return f"rank {rank} step {step} ({action}) waits for {noun} of micro-batch {microbatch} at {at}"
 
 
-def _plan(schedule: Schedule, costs: Costs, rank: int) -> list[tuple[tuple, tuple, tuple, float, tuple]]:
+def _plan(schedule: Schedule, costs: Costs, rank: int) -> list[tuple[tuple, tuple, tuple, float, tuple | None]]:
     """Per action: the events it needs, their transfer times (paid when the producer is another rank),
-    the events it produces, its duration, and when each produced event is out, from the action's start
-    (None: at its end; a cost model's optional ``forward_leaves_at`` moves a pair's forward outputs)."""
+    the events it produces, its duration, and for a pair timed half by half (a cost model's optional
+    ``forward_half``) how many of the needs are its forward's and the forward half's duration."""
     placement = schedule.placement
-    early = getattr(costs, "forward_leaves_at", None)
+    forward_half = getattr(costs, "forward_half", None)
     plan = []
     for action in schedule.actions[rank]:
         needs: tuple = ()
         produces: tuple = ()
         stages = []
+        counts = []
         for op in action.ops():
             flow, stage, _, next_hop = placement.slot(rank, op.chunk)
             op_needs, op_produces = op_events(flow, stage, next_hop is not None, op)
             needs += op_needs
             produces += (op_produces,)
             stages.append(stage)
+            counts.append(len(op_needs))
         transfers = tuple(costs.transfer_cost(need) for need in needs)
-        out_at: tuple = (None,) * len(produces)
-        if early is not None and isinstance(action, Pair):
-            out_at = (early(action, tuple(stages)), None)
-        plan.append((needs, transfers, produces, costs.action_cost(action, tuple(stages)), out_at))
+        halves = None
+        if forward_half is not None and isinstance(action, Pair):
+            first = forward_half(action, tuple(stages))
+            halves = None if first is None else (counts[0], first)
+        plan.append((needs, transfers, produces, costs.action_cost(action, tuple(stages)), halves))
     return plan
 
 
@@ -134,24 +137,31 @@ def walk(schedule: Schedule, costs: Costs) -> list[list[tuple[float, float]]]:
         rank = ready.popleft()
         plan, row, step, start = plans[rank], times[rank], position[rank], clock[rank]
         while step < len(plan):
-            needs, transfers, produces, duration, out_at = plan[step]
+            needs, transfers, produces, duration, halves = plan[step]
             missing = None
-            ready_at = start
+            arrivals = []
             for need, transfer in zip(needs, transfers):
                 done = finished.get(need)
                 if done is None:
                     missing = need
                     break
-                at = done[0] + transfer if done[1] != rank else done[0]
-                if at > ready_at:
-                    ready_at = at
+                arrivals.append(done[0] + transfer if done[1] != rank else done[0])
             if missing is not None:
                 waiting.setdefault(missing, []).append(rank)
                 break
-            end = ready_at + duration
+            if halves is None:
+                ready_at = max([start, *arrivals])
+                end = ready_at + duration
+                out = (end,) * len(produces)
+            else:  # a pair half by half: the forward on its inputs, then the backward on its gradients
+                split, first = halves
+                ready_at = max([start, *arrivals[:split]])
+                end = max([ready_at + first, *arrivals[split:]]) + duration - first
+                out = (ready_at + first, end)
+                ready_at = end - duration  # the span leaves out a wait between the halves, as the runtime's record
             row.append((ready_at, end))
-            for event, offset in zip(produces, out_at):
-                finished[event] = (end if offset is None else ready_at + offset, rank)
+            for event, at in zip(produces, out):
+                finished[event] = (at, rank)
                 if event in waiting:
                     ready.extend(waiting.pop(event))
             start = end

@@ -91,9 +91,9 @@ class StageCostModel:
     bookkeeping) beyond the layers' own time, as measured by the profiler."""
     pair_factor: float = 1.0
     """An overlapped F&B pair lasts ``pair_factor * (F + B)``: 1 when the pair runs one after the other,
-    below 1 when its communication hides behind the other half's compute. A pair that runs one after the
-    other hands its forward's outputs on when its forward half ends (:meth:`forward_leaves_at`), as the
-    runtime does; an overlapped one at its end."""
+    below 1 when its communication hides behind the other half's compute. A pair that runs one half after
+    the other is timed half by half (:meth:`forward_half`), as the runtime runs it; an overlapped one as
+    one action."""
 
     def __post_init__(self) -> None:
         if not self.stages:
@@ -128,10 +128,11 @@ class StageCostModel:
             return self.pair_factor * pair + self.overhead
         return self.op_cost(action.kind, stages[0]) + self.overhead
 
-    def forward_leaves_at(self, action: Action, stages: tuple[int, ...]) -> float | None:
-        """For an F&B pair that runs one half after the other (``pair_factor`` 1): how long after the pair's
-        start its forward's outputs leave (the runtime launches them before the backward half starts). None:
-        with the action's end (any other action, or an overlapped pair, whose halves interleave)."""
+    def forward_half(self, action: Action, stages: tuple[int, ...]) -> float | None:
+        """For an F&B pair that runs one half after the other (``pair_factor`` 1), its forward half's duration:
+        as in the runtime, the forward starts once its inputs are in and hands its outputs on when it ends,
+        and the backward half starts after it once its gradients are in. None for any other action, and for
+        an overlapped pair, whose halves interleave: one action, its outputs out at its end."""
         if isinstance(action, Pair) and self.pair_factor == 1.0:
             return self.op_cost(OpKind.F, stages[0])
         return None

@@ -45,16 +45,18 @@ class TimingGraph:
                     producer[op_events(flow, stage, next_hop is not None, op)[1]] = len(nodes) - 1
         predecessors: list[list[tuple[int, int]]] = [[] for _ in nodes]
         successors: list[list[int]] = [[] for _ in nodes]
-        # A pair's forward outputs (its first op's event) may leave before the pair ends (see evaluate).
-        pair_forward_events = {
-            op_events(placement.slot(rank, action.forward.chunk)[0], stages[0],
-                      placement.slot(rank, action.forward.chunk)[3] is not None, action.forward)[1]
-            for rank, _, action, stages in nodes if isinstance(action, Pair)
-        }
+        # A pair timed half by half (see evaluate) needs each of its halves' inputs at a different moment and
+        # hands its forward outputs (its first op's event) on before it ends: edges say which half they feed
+        # and whether they leave a pair's forward half.
+        pair_forward_events = set()
+        for rank, _, action, stages in nodes:
+            if isinstance(action, Pair):
+                flow, _, _, next_hop = placement.slot(rank, action.forward.chunk)
+                pair_forward_events.add(op_events(flow, stages[0], next_hop is not None, action.forward)[1])
         for node, (rank, step, action, _) in enumerate(nodes):
             if step:
-                predecessors[node].append((index_of[(rank, step - 1)], -1, False))
-            for op in action.ops():
+                predecessors[node].append((index_of[(rank, step - 1)], -1, False, False))
+            for index, op in enumerate(action.ops()):
                 flow, stage, _, next_hop = placement.slot(rank, op.chunk)
                 for need in op_events(flow, stage, next_hop is not None, op)[0]:
                     source = producer[need]
@@ -62,7 +64,7 @@ class TimingGraph:
                         continue
                     local = nodes[source][0] == rank
                     boundary = -1 if local else (need[2] if need[0] == "F" else need[2] - 1)
-                    predecessors[node].append((source, boundary, need in pair_forward_events))
+                    predecessors[node].append((source, boundary, need in pair_forward_events, index == 1))
             for source, *_ in predecessors[node]:
                 successors[source].append(node)
         waiting = [len(p) for p in predecessors]
@@ -81,7 +83,7 @@ class TimingGraph:
             validate(schedule)  # raises the deadlock error with the grid
         # Flat per-node data in evaluation order.
         position = {node: i for i, node in enumerate(order)}
-        self._preds = [tuple((position[src], b, early) for src, b, early in predecessors[node]) for node in order]
+        self._preds = [tuple((position[src], *rest) for src, *rest in predecessors[node]) for node in order]
         self._terms = []
         for node in order:
             action, stages = nodes[node][2], nodes[node][3]
@@ -124,27 +126,33 @@ class TimingGraph:
     ) -> tuple[float, list[float]]:
         """(step time, start of each rank's first action) for per-stage op costs ``F``, ``I``, ``W``, ``B``,
         per-boundary hop times (``hops[s]``: stage s to s+1) and a per-action overhead: the figures
-        :func:`simulate` gives for the equivalent StageCostModel (whose pairs, at ``pair_factor`` 1, hand
-        their forward outputs on when the forward half ends)."""
+        :func:`simulate` gives for the equivalent StageCostModel (whose pairs, at ``pair_factor`` 1, run
+        half by half: see :meth:`~dualpipe_plugin.schedules.stage_costs.StageCostModel.forward_half`)."""
         tables = (F, I, W, B)
+        halves = pair_factor == 1.0
         end = [0.0] * len(self._terms)
-        out = end if pair_factor != 1.0 else [0.0] * len(self._terms)  # when a pair's forward outputs leave
+        out = [0.0] * len(self._terms) if halves else end  # when a pair's forward outputs leave
         finish = 0.0
         for i, terms in enumerate(self._terms):
-            start = 0.0
-            for source, boundary, early in self._preds[i]:
+            start = second = 0.0
+            for source, boundary, early, backward_half in self._preds[i]:
                 done = out[source] if early else end[source]
                 at = done if boundary < 0 else done + hops[boundary]
-                if at > start:
+                if halves and backward_half:
+                    if at > second:
+                        second = at
+                elif at > start:
                     start = at
             if self._pairs[i]:
-                duration = pair_factor * (F[terms[0][1]] + B[terms[1][1]])
-                if out is not end:
-                    out[i] = start + F[terms[0][1]]
+                forward, backward = F[terms[0][1]], B[terms[1][1]]
+                if halves:
+                    out[i] = start + forward
+                    done = max(start + forward, second) + backward + overhead
+                else:
+                    done = start + pair_factor * (forward + backward) + overhead
             else:
                 kind, stage = terms[0]
-                duration = tables[kind][stage]
-            done = start + duration + overhead
+                done = start + tables[kind][stage] + overhead
             end[i] = done
             if done > finish:
                 finish = done
