@@ -4,8 +4,12 @@ The schedule decides *what* runs *when*; the executor only carries it out. Per a
 
     post receives of the next ``lookahead`` actions (as far as their shapes are known)
     wait for this action's inputs          (bounded: a timeout names rank, peer, op and micro-batch)
-    run it: F, B, I, W, or an F&B pair     (dispatch table; a pair goes to the overlap engine)
+    run it: F, B, I, W, or an F&B pair     (dispatch table; a pair goes to the overlap engine, or runs its
+                                            forward, launches the forward's sends, then runs its backward)
     queue its outputs to the next stage and launch the batch
+
+With the B/W split on, a forward whose backward is a full B (not an I, not a pair the overlap engine
+captures) runs its split Linears plain (:mod:`~dualpipe_plugin.runtime.weight_grad`): nothing to defer.
 
 At the end of the step it waits for every send, syncs DualPipe's mirrored gradients and buffers
 (:mod:`~dualpipe_plugin.runtime.mirror`) and reports the per-micro-batch losses, the peak of live
