@@ -33,7 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "dualpipe_plugin.planner.targets:heavy_ends")
     parser.add_argument("--out", default="costs.json", help="the cost file to write (default costs.json)")
     parser.add_argument("--ranks", type=int, default=0,
-                        help="outside torchrun: measure the P2P hop on this many local gloo processes (>= 2)")
+                        help="outside torchrun: measure the P2P hop and the runtime's per-action overhead on this many "
+                             "local gloo processes (>= 2), each building the model")
     parser.add_argument("--repeats", type=int, default=5, help="measured runs per layer (the median is kept)")
     parser.add_argument("--warmup", type=int, default=2, help="unmeasured runs per layer first")
     parser.add_argument("--no-overhead", action="store_true",
@@ -68,8 +69,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats} and {args.warmup}")
     world = _launched_world()
     if args.ranks and (args.ranks < 2 or world > 1):
-        raise UsageError("--ranks N (N >= 2) measures the hop on local processes; under torchrun the real group is "
-                         "measured, leave --ranks out")
+        raise UsageError("--ranks N (N >= 2) measures the hop and the overhead on local processes; under torchrun the "
+                         "real group is measured, leave --ranks out")
     out = check_output_file(args.out, suffixes=(".json",))
     from dualpipe_plugin.planner.link import measure_link, measure_link_locally
     from dualpipe_plugin.planner.overhead import measure_action_overhead_locally
