@@ -4,11 +4,10 @@
     .venv/bin/python benchmarks/planner_calibration.py --only emulated --steps 3 --out /tmp/cal.json
 
 1. **Emulated device, P = 4, C = 16.** The model is ``bench compare``'s: 8 emulated layers, F = I = W =
-   10 ms each. It is profiled as ``dualpipe-plugin profile --ranks 4`` does: per-layer times on this
-   process (:func:`~dualpipe_plugin.planner.profile.profile_model`), the hop and the runtime's per-action
-   overhead on 4 local gloo processes (:func:`~dualpipe_plugin.planner.link.measure_link_locally`,
-   :func:`~dualpipe_plugin.planner.overhead.measure_action_overhead_locally`: the model cut into 4 stages,
-   short 1F1B and ZB1P steps at C = 8). For dualpipe, dualpipev,
+   10 ms each. It is profiled as ``dualpipe-plugin profile --ranks 4`` does
+   (:func:`~dualpipe_plugin.planner.profile.profile_locally`): per-layer times on this process, the hop
+   and the runtime's per-action overhead on 4 local gloo processes (the model cut into 4 stages, short
+   1F1B and ZB1P steps at C = 8). For dualpipe, dualpipev,
    1f1b, zb1p (and zbv) the simulator predicts the step from that cost file, with the uniform cut the
    run uses, and the real pipeline runs on 4 gloo processes: ``measured / simulated``. Next to it, the
    simulator as before this planner (nominal per-chunk costs, free hops).
@@ -86,18 +85,14 @@ def emulated(args) -> dict:
 
     from dualpipe_plugin.bench.planned import PlannedRun, model_target, run_planned_rank
     from dualpipe_plugin.launch import run_local
-    from dualpipe_plugin.planner.link import measure_link_locally
-    from dualpipe_plugin.planner.overhead import measure_action_overhead_locally
-    from dualpipe_plugin.planner.profile import profile_model
+    from dualpipe_plugin.planner.profile import profile_locally
     from dualpipe_plugin.schedules import CostModel, build_schedule, simulate
     from dualpipe_plugin.schedules.cuts import uniform_bounds
     from dualpipe_plugin.schedules.plan import cost_model_of, profile_slicer
     from dualpipe_plugin.schedules.render import write_side_by_side_png
 
     ranks, microbatches = 4, 16
-    profile = profile_model(model_target("uniform8"), overhead_microbatches=0)
-    profile = profile.with_link(measure_link_locally(ranks)).with_runtime(
-        measure_action_overhead_locally(partial(model_target, "uniform8"), profile.layers, ranks))
+    profile = profile_locally(partial(model_target, "uniform8"), ranks)
     slicer = profile_slicer(profile)
     names = (*GOAL_SCHEDULES, "zbv")
     predicted, nominal = {}, {}

@@ -40,24 +40,20 @@ def main() -> int:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "planner_cuts.json"))
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
-    from dualpipe_plugin.bench.machine import machine_facts
     from functools import partial
 
+    from dualpipe_plugin.bench.machine import machine_facts
     from dualpipe_plugin.bench.planned import (
         PlannedRun, model_target, run_planned_deepspeed_rank, run_planned_megatron_rank, run_planned_rank,
     )
     from dualpipe_plugin.bench.spans import step_times_ms
     from dualpipe_plugin.launch import run_local
-    from dualpipe_plugin.planner.link import measure_link_locally
-    from dualpipe_plugin.planner.overhead import measure_action_overhead_locally
-    from dualpipe_plugin.planner.profile import profile_model
+    from dualpipe_plugin.planner.profile import profile_locally
     from dualpipe_plugin.schedules.plan import plan
 
     ranks, microbatches = 4, 16
     load_before = [round(x, 2) for x in os.getloadavg()]
-    profile = profile_model(model_target("emulated_heavy"), overhead_microbatches=0)  # as `profile --ranks 4`:
-    profile = profile.with_link(measure_link_locally(ranks)).with_runtime(   # hop and overhead on 4 processes
-        measure_action_overhead_locally(partial(model_target, "emulated_heavy"), profile.layers, ranks))
+    profile = profile_locally(partial(model_target, "emulated_heavy"), ranks)  # as `profile --ranks 4` does
     profile.save(ROOT / "benchmarks" / "results" / "planner_costs_emulated_heavy.json")
     result = plan(profile, ranks, [microbatches], schedules=[args.schedule])
     best = result.best

@@ -72,9 +72,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--ranks N (N >= 2) measures the hop and the overhead on local processes; under torchrun the "
                          "real group is measured, leave --ranks out")
     out = check_output_file(args.out, suffixes=(".json",))
-    from dualpipe_plugin.planner.link import measure_link, measure_link_locally
-    from dualpipe_plugin.planner.overhead import measure_action_overhead_locally
-    from dualpipe_plugin.planner.profile import profile_model
+    from dualpipe_plugin.planner.link import measure_link
+    from dualpipe_plugin.planner.profile import profile_locally, profile_model
 
     transport = None
     if world > 1:
@@ -85,19 +84,16 @@ def run(args: argparse.Namespace) -> int:
         if not dist.is_initialized():
             dist.init_process_group("nccl" if _cuda() else "gloo")
         transport = TorchTransport(list(range(dist.get_world_size())))
-    target = load_target(args.model)
-    local_group = bool(args.ranks) and not args.no_overhead
-    costs = profile_model(target, repeats=args.repeats, warmup=args.warmup, transport=transport,
-                          overhead_microbatches=0 if args.no_overhead or local_group else 8)
+    if args.ranks:
+        costs = profile_locally(partial(load_target, args.model), args.ranks, repeats=args.repeats,
+                                warmup=args.warmup, overhead=not args.no_overhead)
+    else:
+        costs = profile_model(load_target(args.model), repeats=args.repeats, warmup=args.warmup, transport=transport,
+                              overhead_microbatches=0 if args.no_overhead else 8)
     if transport is not None:
         costs = costs.with_link(measure_link(transport))
         if transport.rank != 0:
             return 0
-    elif args.ranks:
-        costs = costs.with_link(measure_link_locally(args.ranks))
-        if local_group:
-            costs = costs.with_runtime(measure_action_overhead_locally(partial(_target_of, args.model), costs.layers,
-                                                                       args.ranks))
     costs.save(out)
     link = costs.link
     hop = (f"hop {link.latency_ms:.3f} ms" + (f", {link.bandwidth_bytes_per_s / 1e9:.2f} GB/s"
@@ -105,12 +101,6 @@ def run(args: argparse.Namespace) -> int:
     overhead = ", ".join(f"{kind} {value:.3f}" for kind, value in zip("FIWB", costs.runtime.overhead))
     print(f"wrote {out}: {len(costs.layers)} layers; runtime overhead per action (ms): {overhead}; {hop}")
     return 0
-
-
-def _target_of(spec: str):
-    """The ProfileTarget of ``MODULE:CALLABLE`` in a spawned process (the parent already checked it)."""
-    module_name, _, attr = spec.partition(":")
-    return getattr(importlib.import_module(module_name), attr)()
 
 
 def _launched_world() -> int:

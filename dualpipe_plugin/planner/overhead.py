@@ -120,10 +120,7 @@ def measure_action_overhead(
     device = next((p.device for p in row.parameters()), torch.device("cpu"))
     labels = torch.zeros(microbatches, device=device)
     loss_fn = _chunk_loss(loss)
-    layer_time = {
-        "F": sum(c.forward_ms for c in costs), "B": sum(c.backward_ms for c in costs),
-        "I": sum(c.input_grad_ms for c in costs), "W": sum(c.weight_grad_ms for c in costs),
-    }
+    layer_time = _stage_time(costs)
     batch = _batch(inputs, microbatches)
     excess: dict[str, list[float]] = {}
     for schedule in ("1f1b", "zb1p"):
@@ -138,7 +135,7 @@ def measure_action_overhead(
         finally:
             pipe.close()
             row.zero_grad(set_to_none=True)
-    overhead = {kind: max(0.0, statistics.median(excess[kind])) for kind in "FIWB"}
+    overhead = {kind: max(0.0, statistics.median(excess[kind])) for kind in _KINDS}
     return Runtime(**overhead, note=f"one-rank 1F1B and ZB1P runs over all the layers on one process, {microbatches} "
                                     f"micro-batches, median excess per action kind (no transfers, no other ranks)")
 
@@ -163,11 +160,12 @@ def measure_action_overhead_on_group(
     same answer. A group of one rank, or a model of fewer cuttable units than ranks, falls back to
     :func:`measure_action_overhead`."""
     ranks, rank = transport.size, transport.rank
-    units = CostProfile(layers=tuple(costs)).unit_spans()
+    profile = CostProfile(layers=tuple(costs))
+    units = profile.unit_spans()
     if ranks < 2 or len(units) < ranks:
         return measure_action_overhead(target.layers, target.inputs, costs, loss=target.loss, steps=steps,
                                        warmup=warmup)
-    bounds = CostProfile(layers=tuple(costs)).layer_bounds(uniform_bounds(len(units), ranks))
+    bounds = profile.layer_bounds(uniform_bounds(len(units), ranks))
     start, stop = bounds[rank], bounds[rank + 1]
     row = _Row(target.layers[start:stop])
     stage_time = _stage_time(costs[start:stop])

@@ -21,11 +21,14 @@ import torch
 
 from dualpipe_plugin.planner.layers import OptimizerFactory, default_optimizer, profile_layer_row
 from dualpipe_plugin.planner.meter import tensors_in
-from dualpipe_plugin.planner.overhead import measure_action_overhead, measure_action_overhead_on_group
+from dualpipe_plugin.planner.link import measure_link_locally
+from dualpipe_plugin.planner.overhead import (
+    measure_action_overhead, measure_action_overhead_locally, measure_action_overhead_on_group,
+)
 from dualpipe_plugin.runtime.weight_grad import WeightSplitter
 from dualpipe_plugin.schedules.cost_file import SOURCES, CostProfile, LayerCost, LinkCost, Runtime
 
-__all__ = ["ProfileTarget", "profile_model"]
+__all__ = ["ProfileTarget", "profile_model", "profile_locally"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -124,6 +127,19 @@ def profile_model(
                                    "bandwidth_bytes_per_s, or run dualpipe-plugin profile with --ranks / torchrun"),
         extra={"machine": _machine(), "repeats": repeats},
     )
+
+
+def profile_locally(make_target: Callable[[], ProfileTarget], ranks: int, *, repeats: int = 5, warmup: int = 2,
+                    overhead: bool = True) -> CostProfile:
+    """What ``dualpipe-plugin profile --ranks N`` measures outside torchrun: the layers of ``make_target()`` on
+    this process, then the hop and (with ``overhead``) the runtime's per-action overhead on ``ranks`` local
+    gloo processes, each building the model with ``make_target`` (so it must be picklable: a module-level
+    function, or a ``functools.partial`` of one)."""
+    costs = profile_model(make_target(), repeats=repeats, warmup=warmup, overhead_microbatches=0)
+    costs = costs.with_link(measure_link_locally(ranks))
+    if overhead:
+        costs = costs.with_runtime(measure_action_overhead_locally(make_target, costs.layers, ranks))
+    return costs
 
 
 def _fields(cost: LayerCost) -> dict:

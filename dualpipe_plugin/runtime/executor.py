@@ -575,7 +575,7 @@ class PipelineExecutor:
         stash, grads = self.backward_grads(op)
         split = op.kind is OpKind.I and bool(self._split_bindings)
         # A full B recomputes (activation checkpointing) with plain Linears, as its forward ran.
-        self.store.split_forwards = split or op.key not in self._plain_forwards
+        self.store.split_forwards = split
         try:
             with self.store.capture(op.key) if split else nullcontext():
                 if stash.roots:

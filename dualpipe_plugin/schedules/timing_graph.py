@@ -35,6 +35,10 @@ class TimingGraph:
         index_of: dict[tuple[int, int], int] = {}
         nodes = []  # (rank, step, action, stages)
         producer: dict[tuple, int] = {}
+        # A pair timed half by half (see evaluate) needs each of its halves' inputs at a different moment and
+        # hands its forward outputs (its first op's event) on before it ends: edges say which half they feed
+        # and whether they leave a pair's forward half.
+        pair_forward_events = set()
         for rank in range(schedule.num_ranks):
             for step, action in enumerate(schedule.actions[rank]):
                 index_of[(rank, step)] = len(nodes)
@@ -42,17 +46,12 @@ class TimingGraph:
                 nodes.append((rank, step, action, stages))
                 for op in action.ops():
                     flow, stage, _, next_hop = placement.slot(rank, op.chunk)
-                    producer[op_events(flow, stage, next_hop is not None, op)[1]] = len(nodes) - 1
-        predecessors: list[list[tuple[int, int]]] = [[] for _ in nodes]
+                    event = op_events(flow, stage, next_hop is not None, op)[1]
+                    producer[event] = len(nodes) - 1
+                    if isinstance(action, Pair) and op is action.forward:
+                        pair_forward_events.add(event)
+        predecessors: list[list[tuple[int, int, bool, bool]]] = [[] for _ in nodes]
         successors: list[list[int]] = [[] for _ in nodes]
-        # A pair timed half by half (see evaluate) needs each of its halves' inputs at a different moment and
-        # hands its forward outputs (its first op's event) on before it ends: edges say which half they feed
-        # and whether they leave a pair's forward half.
-        pair_forward_events = set()
-        for rank, _, action, stages in nodes:
-            if isinstance(action, Pair):
-                flow, _, _, next_hop = placement.slot(rank, action.forward.chunk)
-                pair_forward_events.add(op_events(flow, stages[0], next_hop is not None, action.forward)[1])
         for node, (rank, step, action, _) in enumerate(nodes):
             if step:
                 predecessors[node].append((index_of[(rank, step - 1)], -1, False, False))
