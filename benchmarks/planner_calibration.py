@@ -14,7 +14,11 @@
 2. **The reference MoE model, P = 2** (x EP = 2: 4 processes; 4 blocks with emulated compute and real
    all-to-alls, as ``bench compare``'s MoE entries, overlap off). Profiled by all 4 processes, the two of
    each EP group in lock step (the blocks' all-to-alls need the peer; the box as busy as in the run), the
-   overhead on both replicas' pipeline groups at once, then the same comparison.
+   overhead on both replicas' pipeline groups at once, then the same comparison. Its blocks' profiled
+   times move by several ms between profiles minutes apart here (4 processes on 2 cores), so the model is
+   profiled at the start of every round and the simulator takes each time's median over those profiles
+   (``round_profiles`` in the result): a profile of the same window the steps are measured in, never the
+   measured steps themselves.
 
 Each schedule runs ``--rounds`` times (default 3), the schedules in turn, and the measured step is the
 median of the rounds' medians. The dualpipev run of part 1 also draws ``docs/planner_timeline.png``: the measured timeline (the
@@ -58,17 +62,21 @@ def _measured_rows(reports: list[dict]) -> list[list[tuple]]:
     return rows
 
 
-def _rounds(part: str, names, run_one, predicted: dict[str, float], rounds: int) -> dict:
+def _rounds(part: str, names, run_one, predict, rounds: int, profile_one=None) -> dict:
     """Every schedule once per round, rounds in turn (a slow spell of the box spreads over all of them);
-    the measured step is the median of the per-round medians."""
+    the measured step is the median of the per-round medians. ``profile_one``, if given, profiles the model
+    at the start of every round; ``predict()`` gives the simulated steps once every round has run."""
     medians: dict[str, list[float]] = {name: [] for name in names}
     steps: dict[str, list[list[float]]] = {name: [] for name in names}
     for round_index in range(rounds):
+        if profile_one is not None:
+            profile_one()
         for name in names:
             times = run_one(name)
             steps[name].append([round(t, 2) for t in times])
             medians[name].append(statistics.median(times))
             print(f"{part:8s} round {round_index} {name:10s} {medians[name][-1]:8.1f} ms", flush=True)
+    predicted = predict()
     rows = {}
     for name in names:
         measured = statistics.median(medians[name])
@@ -110,7 +118,7 @@ def emulated(args) -> dict:
         last_reports[name] = run_local(run_planned_rank, ranks, (run,), timeout_s=600)
         return _steps_ms(last_reports[name])
 
-    rows = _rounds("emulated", names, run_one, {n: p.makespan for n, p in predicted.items()}, args.rounds)
+    rows = _rounds("emulated", names, run_one, lambda: {n: p.makespan for n, p in predicted.items()}, args.rounds)
     for name in names:
         rows[name]["uncalibrated_simulated_ms"] = nominal[name]
         rows[name]["uncalibrated_ratio"] = round(rows[name]["measured_ms"] / nominal[name], 4)
@@ -126,6 +134,25 @@ def emulated(args) -> dict:
     return {"profile": profile.to_dict(), "schedules": rows}
 
 
+def _median_profile(profiles: list):
+    """Every layer's times (and the runtime overhead, the link) as the median over ``profiles``; bytes and
+    everything else from the first (they do not move between runs)."""
+    from dataclasses import replace
+
+    def median_of(items, name):
+        return statistics.median(getattr(item, name) for item in items)
+
+    timed = ("forward_ms", "input_grad_ms", "weight_grad_ms", "backward_ms")
+    layers = tuple(replace(layer, **{name: median_of([p.layers[i] for p in profiles], name) for name in timed})
+                   for i, layer in enumerate(profiles[0].layers))
+    runtimes = [p.runtime for p in profiles]
+    runtime = replace(runtimes[0], **{kind: median_of(runtimes, kind) for kind in "FIWB"},
+                      note=runtimes[0].note + f"; median of {len(profiles)} profiles, one per round")
+    links = [p.link for p in profiles]
+    link = replace(links[0], latency_ms=median_of(links, "latency_ms"))
+    return replace(profiles[0], layers=layers, runtime=runtime, link=link)
+
+
 def moe(args) -> dict:
     from dualpipe_plugin.bench.planned import MoERun, moe_profile_rank, run_moe_rank
     from dualpipe_plugin.launch import run_local
@@ -137,21 +164,29 @@ def moe(args) -> dict:
 
     ranks, ep = 2, 2
     base = MoERun(ranks=ranks, steps=args.steps)
-    profile = CostProfile.from_dict(run_local(moe_profile_rank, ranks * ep, (base,), timeout_s=600)[0])
-    profile = profile.with_link(measure_link_locally(ranks))
-    slicer = profile_slicer(profile)
-    predicted = {}
-    for name in GOAL_SCHEDULES:
-        schedule = build_schedule(name, ranks, base.microbatches)
-        costs = cost_model_of(profile, slicer, uniform_bounds(len(slicer), schedule.placement.num_stages))
-        predicted[name] = simulate(schedule, costs).makespan
+    profiles = []
+
+    def profile_one() -> None:
+        profile = CostProfile.from_dict(run_local(moe_profile_rank, ranks * ep, (base,), timeout_s=600)[0])
+        profiles.append(profile.with_link(measure_link_locally(ranks)))
+
+    def predict() -> dict[str, float]:
+        profile = _median_profile(profiles)
+        slicer = profile_slicer(profile)
+        predicted = {}
+        for name in GOAL_SCHEDULES:
+            schedule = build_schedule(name, ranks, base.microbatches)
+            costs = cost_model_of(profile, slicer, uniform_bounds(len(slicer), schedule.placement.num_stages))
+            predicted[name] = simulate(schedule, costs).makespan
+        return predicted
 
     def run_one(name: str) -> list[float]:
         run = MoERun(schedule=name, ranks=ranks, steps=args.steps)
         return _steps_ms(run_local(run_moe_rank, ranks * ep, (run,), timeout_s=600))
 
-    rows = _rounds("moe", GOAL_SCHEDULES, run_one, predicted, args.rounds)
-    return {"profile": profile.to_dict(), "schedules": rows}
+    rows = _rounds("moe", GOAL_SCHEDULES, run_one, predict, args.rounds, profile_one=profile_one)
+    return {"profile": _median_profile(profiles).to_dict(), "round_profiles": [p.to_dict() for p in profiles],
+            "schedules": rows}
 
 
 def main() -> int:

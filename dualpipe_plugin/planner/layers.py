@@ -4,9 +4,11 @@ Each layer runs alone, in model order, on the output of the layer before (the fi
 micro-batch), exactly as a pipeline chunk runs it: the runtime's B/W split is bound to the layer
 (:func:`~dualpipe_plugin.runtime.weight_grad.bind_weight_split` plus any adapter's splitters), the
 backward runs once under the weight-gradient store's capture (``I``), then the store's flush (``W``),
-then once whole (``B``). Every time is the median of ``repeats`` runs after ``warmup`` runs.
+then once whole (``B``), after a forward with the split Linears plain, as the executor runs a forward
+whose backward is a full B. Every time is the median of ``repeats`` runs after ``warmup`` runs.
 
-Bytes, from the first measured run, with a :class:`~dualpipe_plugin.planner.meter.SavedTensorMeter`:
+Bytes, from a run of their own before the timed ones (the meter's hooks cost time), with a
+:class:`~dualpipe_plugin.planner.meter.SavedTensorMeter`:
 ``activation_bytes`` (saved by the forward), ``saves_input_bytes`` / ``saves_output_bytes`` (of those, the
 layer's own input / output: shared with a neighbour inside a stage), ``w_store_bytes`` (still held after
 ``I``: the split layers' inputs and output gradients), ``output_bytes`` (what a cut after the layer
@@ -20,6 +22,7 @@ when one is given, as a pipeline's last stage computes its loss.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import statistics
 import time
@@ -125,21 +128,23 @@ def _profile_one(
     sizes: dict[str, int] = {}
     output_value = None
     try:
-        for run in range(warmup + repeats):
-            measured = run >= warmup
-            meter = SavedTensorMeter(exclude=params)
-            meter.watch_store(store)
+        # Run 0 measures the bytes and is not timed (the meter's hooks cost time); then warmup, then repeats.
+        for run in range(1 + warmup + repeats):
+            metered, measured = run == 0, run > warmup
+            meter = SavedTensorMeter(exclude=params) if metered else None
             x = _fresh_input(inputs)
-            if exclude_inputs:
-                meter.exclude(_flat(x))
+            if metered:
+                meter.watch_store(store)
+                if exclude_inputs:
+                    meter.exclude(_flat(x))
             for p in params:
                 p.grad = None
-            with meter.counting():
+            with meter.counting() if metered else contextlib.nullcontext():
                 t0 = time.perf_counter()
                 y = layer(x)
                 value = loss(y) if loss is not None else None
                 t1 = time.perf_counter()
-            if run == warmup:
+            if metered:
                 counted = meter.counted_bytes
                 sizes["activation"] = meter.live
                 sizes["saves_input"] = counted(_flat(x))
@@ -154,17 +159,23 @@ def _profile_one(
                     torch.autograd.backward(roots, grads)
                 t3 = time.perf_counter()
             del roots, grads, x
-            if run == warmup:
+            if metered:
                 sizes["w_store"] = meter.live
             t4 = time.perf_counter()
             if store.has(_KEY):
                 store.flush(_KEY)
             t5 = time.perf_counter()
-            meter.unwatch_store(store)
-            # The whole backward in one op, as a B runs it (deferred closures run at once outside a capture).
+            if metered:
+                meter.unwatch_store(store)
+            # The whole backward in one op, as a B runs it: its forward with the split Linears plain, as the
+            # executor runs a forward whose backward is a full B (deferred closures run at once outside a capture).
             x = _fresh_input(inputs)
-            y = layer(x)
-            value = loss(y) if loss is not None else None
+            store.split_forwards = False
+            try:
+                y = layer(x)
+                value = loss(y) if loss is not None else None
+            finally:
+                store.split_forwards = True
             roots, grads = _roots(y, value)
             del y, value
             t6 = time.perf_counter()

@@ -78,6 +78,20 @@ def test_profiled_sizes_are_exact():
     assert all(p.grad is None for layer in layers for p in layer.parameters())  # left as found
 
 
+def test_timed_runs_pay_neither_the_meter_nor_a_nested_weight_backward(monkeypatch):
+    """The runtime runs a full B's forward with plain Linears and never meters bytes: the profile times the same
+    work. Only the W flushes hand weight gradients over by hand (one per run), and the meter runs once."""
+    import dualpipe_plugin.runtime.weight_grad as weight_grad
+
+    handed, metered = [], []
+    accumulate, counting = weight_grad.accumulate_weight_grads, SavedTensorMeter.counting
+    monkeypatch.setattr(weight_grad, "accumulate_weight_grads", lambda grads: handed.append(1) or accumulate(grads))
+    monkeypatch.setattr(SavedTensorMeter, "counting", lambda self: metered.append(1) or counting(self))
+    profile_layer_row([_block()], torch.randn(8, 16), repeats=3, warmup=2)
+    assert len(handed) == 1 + 2 + 3  # the sizes run, the warmup runs, the timed runs: their W, never their B
+    assert len(metered) == 1
+
+
 def test_profiling_restores_weights_and_unbinds_the_split():
     layer = _block()
     before = [p.detach().clone() for p in layer.parameters()]
