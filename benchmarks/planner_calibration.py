@@ -21,8 +21,8 @@
    measured steps themselves.
 
 Each schedule runs ``--rounds`` times (default 3), the schedules in turn, and the measured step is the
-median of the rounds' medians. The dualpipev run of part 1 also draws ``docs/planner_timeline.png``: the measured timeline (the
-executor's record of the last step) under the simulated one for the same costs. Results go to
+median of the rounds' medians. The dualpipev run of part 1 also draws ``docs/planner_timeline.png``: the
+measured timeline (the executor's record of the last step) under the simulated one for the same costs. Results go to
 ``benchmarks/results/planner_calibration.json`` with the load average before and after. Run it at low
 load: the ratios are the runtime's timing on an idle 2-core box.
 """
@@ -88,6 +88,21 @@ def _rounds(part: str, names, run_one, predict, rounds: int, profile_one=None) -
     return rows
 
 
+def _simulated(profile, names, ranks: int, microbatches: int) -> dict:
+    """Each schedule's simulation from ``profile``, with the uniform cut the runs use."""
+    from dualpipe_plugin.schedules import build_schedule, simulate
+    from dualpipe_plugin.schedules.cuts import uniform_bounds
+    from dualpipe_plugin.schedules.plan import cost_model_of, profile_slicer
+
+    slicer = profile_slicer(profile)
+    results = {}
+    for name in names:
+        schedule = build_schedule(name, ranks, microbatches)
+        bounds = uniform_bounds(len(slicer), schedule.placement.num_stages)
+        results[name] = simulate(schedule, cost_model_of(profile, slicer, bounds))
+    return results
+
+
 def emulated(args) -> dict:
     from functools import partial
 
@@ -95,20 +110,16 @@ def emulated(args) -> dict:
     from dualpipe_plugin.launch import run_local
     from dualpipe_plugin.planner.profile import profile_locally
     from dualpipe_plugin.schedules import CostModel, build_schedule, simulate
-    from dualpipe_plugin.schedules.cuts import uniform_bounds
-    from dualpipe_plugin.schedules.plan import cost_model_of, profile_slicer
     from dualpipe_plugin.schedules.render import write_side_by_side_png
 
     ranks, microbatches = 4, 16
     profile = profile_locally(partial(model_target, "uniform8"), ranks)
-    slicer = profile_slicer(profile)
     names = (*GOAL_SCHEDULES, "zbv")
-    predicted, nominal = {}, {}
+    predicted = _simulated(profile, names, ranks, microbatches)
+    nominal = {}
     for name in names:
         schedule = build_schedule(name, ranks, microbatches)
-        stages = schedule.placement.num_stages
-        predicted[name] = simulate(schedule, cost_model_of(profile, slicer, uniform_bounds(len(slicer), stages)))
-        per_chunk = 8 // stages * 10.0
+        per_chunk = 8 // schedule.placement.num_stages * 10.0
         nominal[name] = simulate(schedule, CostModel(F=per_chunk, B=2 * per_chunk, W=per_chunk)).makespan
     last_reports = {}
 
@@ -157,10 +168,7 @@ def moe(args) -> dict:
     from dualpipe_plugin.bench.planned import MoERun, moe_profile_rank, run_moe_rank
     from dualpipe_plugin.launch import run_local
     from dualpipe_plugin.planner.link import measure_link_locally
-    from dualpipe_plugin.schedules import build_schedule, simulate
     from dualpipe_plugin.schedules.cost_file import CostProfile
-    from dualpipe_plugin.schedules.cuts import uniform_bounds
-    from dualpipe_plugin.schedules.plan import cost_model_of, profile_slicer
 
     ranks, ep = 2, 2
     base = MoERun(ranks=ranks, steps=args.steps)
@@ -171,14 +179,8 @@ def moe(args) -> dict:
         profiles.append(profile.with_link(measure_link_locally(ranks)))
 
     def predict() -> dict[str, float]:
-        profile = _median_profile(profiles)
-        slicer = profile_slicer(profile)
-        predicted = {}
-        for name in GOAL_SCHEDULES:
-            schedule = build_schedule(name, ranks, base.microbatches)
-            costs = cost_model_of(profile, slicer, uniform_bounds(len(slicer), schedule.placement.num_stages))
-            predicted[name] = simulate(schedule, costs).makespan
-        return predicted
+        simulated = _simulated(_median_profile(profiles), GOAL_SCHEDULES, ranks, base.microbatches)
+        return {name: result.makespan for name, result in simulated.items()}
 
     def run_one(name: str) -> list[float]:
         run = MoERun(schedule=name, ranks=ranks, steps=args.steps)

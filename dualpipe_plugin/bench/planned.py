@@ -333,24 +333,24 @@ def moe_profile_rank(rank: int, world_size: int, run: MoERun) -> dict:
     The runtime overhead is measured on each replica's pipeline group, both replicas at once (stage p of
     both exchanges its all-to-alls over the same EP group)."""
     from dualpipe_plugin.bench.peers_deepspeed import DeepSpeedMoEBlock
-    from dualpipe_plugin.moe import Embedding, Head, lm_loss, new_expert_parallel
+    from dualpipe_plugin.bench.workload import moe_setup
+    from dualpipe_plugin.moe import Embedding, Head, lm_loss
     from dualpipe_plugin.planner.profile import ProfileTarget, profile_model
     from dualpipe_plugin.runtime.transport import TorchTransport, new_pipeline_groups
 
     workload = _moe_workload(run)
-    ep = new_expert_parallel([[p + e * run.ranks for e in range(world_size // run.ranks)] for p in range(run.ranks)])
+    setup = moe_setup(workload)
     config, costs = workload.moe.model, workload.layer_costs()
     torch.manual_seed(0)
-    layers = [Embedding(config)] + [DeepSpeedMoEBlock(config, ep, costs) for _ in range(run.blocks)] + [Head(config)]
+    blocks = [DeepSpeedMoEBlock(config, setup.ep, costs) for _ in range(run.blocks)]
+    layers = [Embedding(config), *blocks, Head(config)]
     tokens, labels = workload.batch(seed=rank)
     rows = workload.moe.batch
     target = ProfileTarget(layers=layers, inputs=tokens[:rows], loss=partial(_on_labels, lm_loss, labels[:rows]),
                            attach=["next"] + [None] * run.blocks + ["previous"],
                            model=f"reference MoE model, {run.blocks} blocks, EP={world_size}, emulated compute")
-    pipelines = [[replica * run.ranks + p for p in range(run.ranks)] for replica in range(world_size // run.ranks)]
-    groups = new_pipeline_groups(pipelines)
-    replica = rank // run.ranks
-    transport = TorchTransport(pipelines[replica], groups=groups[replica])
+    groups = new_pipeline_groups(setup.pipelines)
+    transport = TorchTransport(setup.pipelines[setup.replica], groups=groups[setup.replica])
     return profile_model(target, transport=transport).to_dict()
 
 
